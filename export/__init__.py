@@ -1,0 +1,1 @@
+"""ONNX export, validation, TensorRT engines and runtimes, installed as ``ldm_fast.export``."""

@@ -1,0 +1,1 @@
+"""Triton kernels for the hot paths, installed as ``ldm_fast.kernels``."""

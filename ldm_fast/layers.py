@@ -1,0 +1,28 @@
+"""Small building blocks shared by the autoencoder and the UNet, routed through `ops`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm_fast import ops
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state-dict keys) with an optional fused SiLU and
+    scale/shift, computed by `ops.group_norm` so the kernel switch reaches it."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, act: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.act = act
+
+    def forward(self, x, scale=None, shift=None):
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                              act=self.act, scale=scale, shift=shift)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters: residual branches then start as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
