@@ -1,0 +1,41 @@
+"""Image tensors ↔ files: [-1, 1] float tensors to uint8 grids written with Pillow."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile a batch into one uint8 image, `nrow` images per row (default: square-ish)."""
+    arr = to_uint8(images)
+    b, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = arr[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, upscale: int = 1) -> Path:
+    """Write a PNG grid; `upscale` enlarges small images (nearest) so they can be seen."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(make_grid(images, nrow))
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    img.save(path)
+    return path

@@ -1,0 +1,111 @@
+"""`python -m ldm_fast.train`: train the autoencoder, then the latent diffusion model.
+
+With no arguments: the `tiny` preset on the embedded procedural data, on CPU, ending with a
+PNG sample grid. See `--help` for the flags; any config field can be overridden with
+`--set section.field=value` (e.g. `--set unet.model_channels=96`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm_fast import ops
+from ldm_fast.checkpoint import list_checkpoints
+from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
+from ldm_fast.data.build import build_datasets
+from ldm_fast.run import RunDir, load_config, load_first_stage
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ldm_fast.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
+    p.add_argument("--config", help="YAML config file (instead of --preset)")
+    p.add_argument("--stage", choices=("autoencoder", "ldm", "all"), default="all")
+    p.add_argument("--data", help="image folder to train on (default: the procedural data)")
+    p.add_argument("--out", help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--steps", type=int, help="training steps of each stage trained")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--kernels", choices=ops.BACKENDS, help="eager | triton | auto (default: config / $LDM_KERNELS)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs still go to metrics.jsonl)")
+    return p.parse_args(argv)
+
+
+def build_config(args):
+    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file() and not args.config:
+        cfg = load_config(args.out)  # a resumed run keeps its own config
+    else:
+        cfg = load_yaml(args.config) if args.config else get_preset(args.preset)
+    for assignment in args.set:
+        cfg = apply_override(cfg, assignment)
+    for stage in ("train_autoencoder", "train_ldm"):
+        tc = getattr(cfg, stage)
+        if args.steps is not None:
+            tc.steps = args.steps
+        if args.batch_size is not None:
+            tc.batch_size = args.batch_size
+    if args.data:
+        cfg.data.dataset, cfg.data.root = "folder", args.data
+    if args.precision:
+        cfg.precision = args.precision
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.kernels:
+        cfg.kernels = args.kernels
+    return validate(cfg)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run = RunDir(args.out or Path("runs") / cfg.name)
+    stages = ("autoencoder", "ldm") if args.stage == "all" else (args.stage,)
+    if not args.resume and any(list_checkpoints(run.stage_dir(s)) for s in stages):
+        print(f"error: {run.path} already holds checkpoints; pass --resume to continue it or --out for a new run",
+              file=sys.stderr)
+        return 2
+    ops.set_backend(None if cfg.kernels == "auto" else cfg.kernels)
+
+    from ldm_fast.training import save_config, train_autoencoder, train_ldm
+
+    save_config(cfg, run)
+    train_set, heldout = build_datasets(cfg.data)
+    print(f"run directory: {run.path.resolve()}")
+    if "autoencoder" in stages:
+        first_stage = train_autoencoder(cfg, run, train_set, heldout, args.device, args.resume,
+                                        progress=not args.no_progress)
+        print(f"autoencoder: {run.path / 'autoencoder.safetensors'}, reconstructions: {run.path / 'reconstructions.png'}")
+    else:
+        first_stage = load_first_stage(run.path, args.device, cfg)
+    if "ldm" in stages:
+        from ldm_fast.generate import generate
+        from ldm_fast.images import save_grid
+
+        model, _ = train_ldm(cfg, run, first_stage, train_set, args.device, args.resume,
+                             progress=not args.no_progress)
+        from ldm_fast.run import load_model
+
+        model, _ = load_model(run.path, args.device)  # the EMA weights, as sampling sees them
+        images = generate(model, n=16, sampler="ddim", steps=50, seed=cfg.seed)
+        grid = save_grid(images, run.path / "samples.png", upscale=4 if images.shape[-1] <= 64 else 1)
+        print(f"samples: {grid.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
