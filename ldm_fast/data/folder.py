@@ -63,6 +63,45 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under `root`, recursively, sorted; a clear error for a missing or empty folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found or not a directory: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return paths
+
+
+def caption_path(path: Path) -> Path:
+    """The caption side file of an image: same basename, .txt."""
+    return path.with_suffix(".txt")
+
+
+def validate_images(paths: list[Path], mode: str = "full") -> tuple[list[Path], list[tuple[str, str]]]:
+    """Split `paths` into readable images and (path, reason) pairs for the rest (see module doc)."""
+    if mode not in VALIDATE_MODES:
+        raise ValueError(f"validate: expected one of {VALIDATE_MODES}, got {mode!r}")
+    good, skipped = [], []
+    for p in paths:
+        try:
+            _check(p, mode)
+            good.append(p)
+        except Exception as e:  # Pillow raises many types for bad files; all mean "skip"
+            skipped.append((str(p), f"{type(e).__name__}: {e}"))
+    return good, skipped
+
+
+def report_skipped(what: str, skipped: list[tuple[str, str]], total: int) -> None:
+    """One warning naming the first few skipped files and the count."""
+    if skipped:
+        shown = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(f"{what}: skipped {len(skipped)} of {total} files as unreadable: {shown}{more}",
+                      stacklevel=3)
+
+
 def _check(path: Path, mode: str) -> None:
     """Raise if the file is not a readable image (header only, or a full decode)."""
     if mode == "none":
@@ -86,33 +125,14 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, resolution: int | tuple[int, int],
                  captions: bool = True, validate: str = "full"):
-        if validate not in VALIDATE_MODES:
-            raise ValueError(f"validate: expected one of {VALIDATE_MODES}, got {validate!r}")
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found or not a directory: {self.root}")
         h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         if min(h, w) < 1:
             raise ValueError(f"resolution: must be positive, got {(h, w)}")
         self.height, self.width, self.captions = int(h), int(w), bool(captions)
-
-        candidates = sorted(p for p in self.root.rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not candidates:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
-        self.skipped: list[tuple[str, str]] = []
-        self.paths: list[Path] = []
-        for p in candidates:
-            try:
-                _check(p, validate)
-                self.paths.append(p)
-            except Exception as e:  # Pillow raises many types for bad files; all mean "skip"
-                self.skipped.append((str(p), f"{type(e).__name__}: {e}"))
-        if self.skipped:
-            shown = "; ".join(f"{p} ({r})" for p, r in self.skipped[:5])
-            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
-            warnings.warn(f"ImageFolderDataset({self.root}): skipped {len(self.skipped)} of "
-                          f"{len(candidates)} files as unreadable: {shown}{more}", stacklevel=2)
+        candidates = find_images(self.root)
+        self.paths, self.skipped = validate_images(candidates, validate)
+        report_skipped(f"ImageFolderDataset({self.root})", self.skipped, len(candidates))
         if not self.paths:
             raise ValueError(f"all {len(candidates)} image files under {self.root} are unreadable")
         self._bad: set[int] = set()
@@ -125,7 +145,7 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def caption_for(self, path: Path) -> str:
-        side = path.with_suffix(".txt")
+        side = caption_path(path)
         if not self.captions or not side.is_file():
             return ""
         return side.read_text(encoding="utf-8", errors="replace").strip()
