@@ -233,3 +233,13 @@ def test_folder_empty_and_missing(tmp_path):
         ImageFolderDataset(tmp_path, 16)
     with pytest.raises(ValueError, match="validate"):
         ImageFolderDataset(tmp_path, 16, validate="sometimes")
+
+
+def test_folder_special_modes(tmp_path):
+    # 16-bit greyscale keeps its tones (a plain convert clips them); transparency becomes white.
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "transparent.png")
+    ds = ImageFolderDataset(tmp_path, 4)
+    grey, clear = ds[0]["image"], ds[1]["image"]
+    assert torch.allclose(grey, torch.full_like(grey, 128 / 127.5 - 1), atol=1e-3)
+    assert torch.allclose(clear, torch.ones_like(clear))

@@ -56,6 +56,10 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (a plain convert would expose whatever
     colour the transparent pixels happen to store, often black)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit greyscale (e.g. PNG): Pillow's convert would clip everything above 255.
+        arr = np.asarray(im, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8)).convert("RGB")
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
