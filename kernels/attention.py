@@ -1,0 +1,450 @@
+"""FlashAttention-style softmax attention, forward and backward (Dao et al., FlashAttention-2).
+
+softmax(q·kᵀ/√D)·v for q: (B, H, Lq, D) and k, v: (B, H, Lk, D) — self-attention over the
+latent's pixels (Lq = Lk = 4096 at SD1.5's 64×64 level) and cross-attention to text tokens
+(Lk = 77). The eager path materialises the Lq×Lk score matrix (4096² fp32 per head is 64 MB);
+these kernels never do: memory stays linear in the sequence lengths.
+
+Forward (_attn_fwd_kernel), one program per (block of BLOCK_M queries, batch·head):
+    stream over key blocks of BLOCK_N keys, keeping for every query row the running maximum m,
+    the running normaliser l and the unnormalised output acc ("online softmax"):
+        s = q·kᵀ·scale·log2(e)         (base-2 exponent: exp2 is the GPU's native exp)
+        m' = max(m, rowmax s);  p = 2^(s − m');  l = l·2^(m−m') + rowsum p
+        acc = acc·2^(m−m') + p·v
+    then o = acc / l and, for the backward, lse = m + log2 l per row (base 2).
+Backward, with delta = rowsum(dO ∘ O) precomputed (_attn_bwd_delta_kernel):
+    p = 2^(s − lse) (recomputed, never stored), dp = dO·vᵀ, ds = p ∘ (dp − delta),
+    dv = pᵀ·dO,  dk = dsᵀ·q·scale,  dq = ds·k·scale.
+_attn_bwd_dkdv_kernel owns a block of keys and streams over all queries (no atomics);
+_attn_bwd_dq_kernel owns a block of queries and streams over all keys. Recomputing the
+scores in both costs one extra q·kᵀ but keeps each kernel free of cross-program reductions.
+
+Awkward sizes: the head dim is padded to the next power of two (40 → 64, 80 → 128,
+160 → 256) with masked loads (zeros change neither q·kᵀ nor p·v), and sequence tails are
+masked: keys past Lk get a score of −inf, queries past Lq are never stored. Every key block
+holds at least one real key, so the running maximum is finite after the first block and no
+row ever sees 0/0.
+
+Precision: products feed tl.dot in the input dtype with fp32 accumulation; softmax state is
+fp32; fp32 inputs use IEEE fp32 dots (no TF32) so the fp32 path matches the fp32 reference
+tightly. DOT_FP32 upcasts the dot operands to fp32 after the same rounding to the input
+dtype; it exists because Triton's CPU interpreter returns garbage from tl.dot on bf16
+operands, so bf16 is tested on CPU through it, and for real (DOT_FP32 off) on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- 1. reference
+
+
+def attention_ref(q, k, v, upcast=False):
+    """The PyTorch reference. upcast=False is the eager path (`F.scaled_dot_product_attention`
+    in the input dtype, what `ldm_fast.ops` runs); upcast=True computes the explicit
+    softmax(q·kᵀ/√D)·v in fp32 and casts back — the tests' fp32 ground truth."""
+    if not upcast:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    s = qf @ kf.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return (s.softmax(-1) @ vf).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- 2. kernels
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+    """a·b with fp32 accumulation; DOT_FP32 upcasts the operands first (see module doc)."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,      # (B, H, Lq|Lk, D) through the strides below (any layout, e.g. a transposed view)
+    O,            # (B, H, Lq, D) output, q's dtype
+    LSE,          # fp32 (B*H, Lq): base-2 log-sum-exp of the scaled scores, for the backward
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    H, LQ, LK,
+    qk_scale,     # softmax scale · log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < LQ
+    mask_d = offs_d < HEAD_DIM
+
+    # Stage 1: this program's queries stay in registers for the whole key loop.
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
+    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Stage 2: online softmax over key blocks.
+    for start_n in range(0, LK, BLOCK_N):
+        kn = start_n + offs_n
+        mask_n = kn < LK
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kn[:, None] * skn, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_FP32, PREC) * qk_scale
+        if not EVEN_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + kn[:, None] * svn, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PREC)
+        m_i = m_new
+
+    # Stage 3: normalise, store o and the row log-sum-exp.
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO,        # (B, H, Lq, D) output and its gradient
+    DELTA,        # fp32 (B*H, Lq): rowsum(dO ∘ O), the softmax-Jacobian term
+    sob, soh, som, sod, sdb, sdh, sdm, sdd,
+    H, LQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < LQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, axis=1),
+             mask=offs_m < LQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # inputs and the output gradient, through their strides
+    DK, DV,       # outputs, k's / v's dtype and layout
+    LSE, DELTA,   # fp32 (B*H, Lq) from the forward / the delta kernel
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    H, LQ, LK,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < LK
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+
+    # Stage 1: this program's keys and values stay in registers.
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+    q_base = Q + b * sqb + h * sqh + offs_d[None, :] * sqd
+    do_base = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
+    row = pid_bh.to(tl.int64) * LQ
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Stage 2: stream over all query blocks, working with transposed scores [keys, queries]
+    # so that dk and dv accumulate without transposing them.
+    for start_m in range(0, LQ, BLOCK_M):
+        qm = start_m + offs_m
+        mask_m = qm < LQ
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + qm[:, None] * sqm, mask=q_mask, other=0.0)
+        do = tl.load(do_base + qm[:, None] * sdm, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row + qm, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row + qm, mask=mask_m, other=0.0)
+        sT = _dot(k, tl.trans(q), DOT_FP32, PREC) * qk_scale
+        pT = tl.exp2(sT - lse[None, :])
+        # Padded keys only meet zero rows of k; padded queries must not contribute at all.
+        if not EVEN_M:
+            pT = tl.where(mask_m[None, :], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, DOT_FP32, PREC)
+        dpT = _dot(v, tl.trans(do), DOT_FP32, PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, DOT_FP32, PREC)
+
+    # Stage 3: store (the softmax scale enters dk once, here).
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # inputs and the output gradient, through their strides
+    DQ,           # output, q's dtype and layout
+    LSE, DELTA,   # fp32 (B*H, Lq)
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdqb, sdqh, sdqm, sdqd,
+    H, LQ, LK,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < LQ
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+
+    # Stage 1: this program's queries, output gradients and row statistics.
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=q_mask, other=0.0)
+    row = pid_bh.to(tl.int64) * LQ
+    lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
+    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Stage 2: stream over key blocks, recomputing p and ds.
+    for start_n in range(0, LK, BLOCK_N):
+        kn = start_n + offs_n
+        mask_n = kn < LK
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kn[:, None] * skn, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kn[:, None] * svn, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_FP32, PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if not EVEN_N:
+            p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), DOT_FP32, PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_FP32, PREC)
+
+    # Stage 3: store.
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------- 3. launchers
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+
+# Whether a sequence length is a multiple of the block: decided per launch (under autotuning
+# the block size is only known inside the autotuner, hence heuristics, not launcher code).
+_fwd = triton.heuristics({"EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0})(_attn_fwd_kernel)
+_dq = triton.heuristics({"EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0})(_attn_bwd_dq_kernel)
+_dkdv = triton.heuristics({"EVEN_M": lambda a: a["LQ"] % a["BLOCK_M"] == 0})(_attn_bwd_dkdv_kernel)
+
+# Under the interpreter (CPU tests) blocks are fixed and small: lengths such as 50 and 77 then
+# cover several blocks and a ragged tail, and no time goes to autotuning numpy.
+_INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
+
+
+def _gpu_configs(kind: str, block_d: int):
+    """Autotuning candidates, pruned by head dim: the register file holds the q (or k/v)
+    tile and an fp32 accumulator of BLOCK × BLOCK_D per program, so wide heads (BLOCK_D 256,
+    i.e. SD's 160) only get the small tiles; configurations that still overflow shared
+    memory are discarded by the autotuner itself (OutOfResources)."""
+    C = triton.Config
+    if kind == "fwd":            # BLOCK_M queries per program, BLOCK_N keys per step
+        if block_d <= 64:
+            cand = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3),
+                    (128, 32, 4, 4), (64, 128, 4, 3)]
+        elif block_d <= 128:
+            cand = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+                    (64, 32, 4, 4)]
+        else:
+            cand = [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
+        return [C(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in cand]
+    # Backward kernels: the owner block (keys for dkdv, queries for dq) and the streamed one.
+    if block_d <= 64:
+        cand = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
+                (128, 128, 8, 2)]
+    elif block_d <= 128:
+        cand = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)]
+    else:
+        cand = [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 4, 2)]
+    if kind == "dkdv":           # owner = keys (BLOCK_N), streamed = queries (BLOCK_M)
+        return [C(dict(BLOCK_N=o, BLOCK_M=s_), num_warps=w, num_stages=st)
+                for o, s_, w, st in cand]
+    return [C(dict(BLOCK_M=o, BLOCK_N=s_), num_warps=w, num_stages=st) for o, s_, w, st in cand]
+
+
+def _fixed_gpu_config(kind: str, block_d: int):
+    """The first candidate, used when autotuning is switched off (LDM_ATTN_AUTOTUNE=0)."""
+    cfg = _gpu_configs(kind, block_d)[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, block_d: int):
+    kernel = {"fwd": _fwd, "dq": _dq, "dkdv": _dkdv}[kind]
+    return triton.autotune(configs=_gpu_configs(kind, block_d),
+                           key=["LQ", "LK", "HEAD_DIM"])(kernel)
+
+
+def _launch(kind: str, x: torch.Tensor, grid, block_d: int, *args, **const):
+    """Run `kind` with interpreter blocks on CPU, autotuned configs on GPU."""
+    if not x.is_cuda:
+        kernel = {"fwd": _fwd, "dq": _dq, "dkdv": _dkdv}[kind]
+        kernel[grid(_INTERP_BLOCKS)](*args, **const, **_INTERP_BLOCKS)
+    elif os.environ.get("LDM_ATTN_AUTOTUNE", "1") == "0":
+        kernel = {"fwd": _fwd, "dq": _dq, "dkdv": _dkdv}[kind]
+        cfg = _fixed_gpu_config(kind, block_d)
+        kernel[grid(cfg)](*args, **const, **cfg)
+    else:
+        _tuned(kind, block_d)[grid](*args, **const)
+
+
+def _consts(q: torch.Tensor):
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    # fp32: IEEE dots (no TF32); 16-bit: the default (the precision flag only concerns fp32).
+    prec = "ieee" if q.dtype == torch.float32 else None
+    # bf16 dots are broken in the CPU interpreter: emulate them in fp32 there.
+    dot_fp32 = q.dtype == torch.bfloat16 and not q.is_cuda
+    return dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_FP32=dot_fp32, PREC=prec)
+
+
+def _attn_forward(q, k, v):
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B * H, LQ), device=q.device, dtype=torch.float32)
+    c = _consts(q)
+    scale = 1.0 / math.sqrt(D)
+    _launch("fwd", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), c["BLOCK_D"],
+            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, LQ, LK, scale * _LOG2E, **c)
+    return o, lse
+
+
+def _attn_backward(do, q, k, v, o, lse):
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    c = _consts(q)
+    scale = 1.0 / math.sqrt(D)
+    delta = torch.empty_like(lse)
+    bm = 64
+    _attn_bwd_delta_kernel[(triton.cdiv(LQ, bm), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, LQ,
+        HEAD_DIM=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=bm)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _launch("dkdv", q, lambda m: (triton.cdiv(LK, m["BLOCK_N"]), B * H), c["BLOCK_D"],
+            q, k, v, do, dk, dv, lse, delta, *strides, *dk.stride(), *dv.stride(),
+            H, LQ, LK, scale, scale * _LOG2E, **c)
+    _launch("dq", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), c["BLOCK_D"],
+            q, k, v, do, dq, lse, delta, *strides, *dq.stride(),
+            H, LQ, LK, scale, scale * _LOG2E, **c)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- 4. custom ops
+# torch.library.custom_op + register_fake: one opaque node for torch.compile(fullgraph=True),
+# testable under the interpreter on CPU (triton_op is not: fake tensors have no data pointer).
+
+
+@torch.library.custom_op("ldm_fast::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attn_forward(q, k, v)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v):
+    B, H, LQ, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B * H, LQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("ldm_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      o: torch.Tensor, lse: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attn_backward(do, q, k, v, o, lse)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+
+
+def _attn_backward_rule(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return _attention_bwd_op(do, q, k, v, o, lse)
+
+
+_attention_fwd_op.register_autograd(_attn_backward_rule, setup_context=_attn_setup_context)
+
+
+# ----------------------------------------------------------------------------- 5. API
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernels handle these inputs; `ops` falls back to eager, saying so."""
+    return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+            and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
+            and q.device == k.device == v.device
+            and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and k.shape[2] == v.shape[2] and q.shape[3] == k.shape[3] == v.shape[3]
+            and q.shape[3] <= _MAX_HEAD_DIM and k.shape[2] > 0)
+
+
+def attention(q, k, v):
+    """softmax(q·kᵀ/√D)·v for q: (B, H, Lq, D), k, v: (B, H, Lk, D); same result as
+    F.scaled_dot_product_attention. Differentiable in q, k and v."""
+    if not supports(q, k, v):
+        raise ValueError(f"attention kernel: unsupported inputs q{tuple(q.shape)} {q.dtype}, "
+                         f"k{tuple(k.shape)} {k.dtype}, v{tuple(v.shape)} {v.dtype} "
+                         f"(4-D, same dtype in {_DTYPES}, head dim ≤ {_MAX_HEAD_DIM})")
+    o, _ = _attention_fwd_op(q, k, v)
+    return o
