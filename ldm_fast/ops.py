@@ -66,27 +66,36 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- normalisation
+# The fused kernel is kernels/groupnorm.py; its group_norm_ref (fp32 maths, cast back) is the
+# eager implementation. Imported lazily, like every kernel module: Triton reads
+# TRITON_INTERPRET when a kernel is defined.
 
 def group_norm(x, num_groups, weight, bias, eps=1e-5, act=False, scale=None, shift=None):
     """GroupNorm over (B, C, *spatial) → optional x·(1+scale)+shift (scale, shift: (B, C)) →
     optional SiLU. Statistics in fp32 whatever the input dtype."""
-    out = F.group_norm(x.float(), num_groups, None, None, eps)
-    if weight is not None:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = out * weight.float().view(shape) + bias.float().view(shape)
-    if scale is not None:
-        shape = scale.shape + (1,) * (x.dim() - 2)
-        out = out * (1 + scale.float().view(shape)) + shift.float().view(shape)
-    if act:
-        out = F.silu(out)
-    return out.to(x.dtype)
+    from ldm_fast.kernels import groupnorm as k
+    if use_triton(x):
+        if k.supports(x):
+            return k.group_norm(x, num_groups, weight, bias, eps, act=act, scale=scale,
+                                shift=shift)
+        _say_once("group_norm-fallback", f"group_norm: no Triton kernel for {x.dtype} "
+                  f"{x.dim()}-D input; using the eager op")
+    return k.group_norm_ref(x, num_groups, weight, bias, eps, act=act, scale=scale,
+                            shift=shift)
 
 
 # ----------------------------------------------------------------------------- attention
+# The FlashAttention-style kernels are kernels/attention.py; eager is PyTorch's SDPA.
 
 def attention(q, k, v):
     """Softmax attention, q: (B, H, Lq, D), k and v: (B, H, Lk, D), scale 1/sqrt(D)."""
-    return F.scaled_dot_product_attention(q, k, v)
+    from ldm_fast.kernels import attention as kern
+    if use_triton(q):
+        if kern.supports(q, k, v):
+            return kern.attention(q, k, v)
+        _say_once("attention-fallback", f"attention: no Triton kernel for q{tuple(q.shape)} "
+                  f"{q.dtype} (head dim > 256 or mixed dtypes); using PyTorch SDPA")
+    return kern.attention_ref(q, k, v)
 
 
 # ----------------------------------------------------------------------------- sampler steps
