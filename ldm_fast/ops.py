@@ -99,3 +99,68 @@ def attention(q, k, v):
 
 
 # ----------------------------------------------------------------------------- sampler steps
+# Every sampler update (the schedule's ᾱ values as Python floats, the model output `out`,
+# which stacks [uncond; cond] along dim 0 under classifier-free guidance) goes through here:
+# the fused kernel in kernels/sampler_steps.py when `use_triton(x)`, else the eager chain of
+# ops it replaces (the kernel file's *_ref functions). The kernel module is imported lazily:
+# Triton reads TRITON_INTERPRET when a kernel is defined, and eager-only users never need it.
+
+def _sampler_steps():
+    from ldm_fast.kernels import sampler_steps
+    return sampler_steps
+
+
+def ddim_step(x, out, a_t, a_next, eta=0.0, noise=None, parameterization="eps", guidance=1.0,
+              return_x0=False):
+    """DDIM step ᾱ: a_t → a_next (1.0 = clean); η = 1 is DDPM's ancestral step. Returns x_next,
+    or (x_next, x0) with return_x0."""
+    k = _sampler_steps()
+    fn = k.ddim_step if use_triton(x) else k.ddim_step_ref
+    return fn(x, out, a_t, a_next, eta=eta, noise=noise, parameterization=parameterization,
+              guidance=guidance, return_x0=return_x0)
+
+
+def euler_step(x, out, a_t, a_next, eta=0.0, noise=None, parameterization="eps", guidance=1.0,
+               return_x0=False):
+    """Euler (η = 0) / Euler-ancestral (η > 0) step in σ = √((1 − ᾱ)/ᾱ)."""
+    k = _sampler_steps()
+    fn = k.euler_step if use_triton(x) else k.euler_step_ref
+    return fn(x, out, a_t, a_next, eta=eta, noise=noise, parameterization=parameterization,
+              guidance=guidance, return_x0=return_x0)
+
+
+def dpmpp_2m_step(x, out, a_t, a_next, x0_prev=None, a_prev=None, parameterization="eps",
+                  guidance=1.0):
+    """DPM-Solver++(2M) step; returns (x_next, x0), x0 being the next call's x0_prev."""
+    k = _sampler_steps()
+    fn = k.dpmpp_2m_step if use_triton(x) else k.dpmpp_2m_step_ref
+    return fn(x, out, a_t, a_next, x0_prev=x0_prev, a_prev=a_prev,
+              parameterization=parameterization, guidance=guidance)
+
+
+def prediction_to_eps(x, out, a_t, parameterization="eps", guidance=1.0):
+    """The ε a (possibly stacked [uncond; cond]) model output implies, in fp32 (PLMS keeps a
+    history of these). Eager: PLMS has no fused kernel."""
+    k = _sampler_steps()
+    xf = x.float()
+    return k._x0_eps(xf, k._split_guided(xf, out.float(), guidance), a_t, parameterization)[1]
+
+
+def plms_step(x, eps, a_t, a_next, eps_history=(), eps_next=None):
+    """PLMS (Liu et al. 2022, "Pseudo Numerical Methods", eq. 12 and the LDM code): combine ε
+    with the previous ε's (most recent last) by the Adams–Bashforth weights — or, on the first
+    step, average it with `eps_next` evaluated at the predicted point (the pseudo improved
+    Euler start) — then take a DDIM (η = 0) step with the result. The combination is eager;
+    the step itself goes through `ddim_step`."""
+    h = list(eps_history)[-3:]
+    if eps_next is not None:
+        e = (eps + eps_next) / 2
+    elif len(h) == 0:
+        e = eps
+    elif len(h) == 1:
+        e = (3 * eps - h[-1]) / 2
+    elif len(h) == 2:
+        e = (23 * eps - 16 * h[-1] + 5 * h[-2]) / 12
+    else:
+        e = (55 * eps - 59 * h[-1] + 37 * h[-2] - 9 * h[-3]) / 24
+    return ddim_step(x, e, a_t, a_next, parameterization="eps")
