@@ -283,34 +283,36 @@ _dkdv = triton.heuristics({"EVEN_M": lambda a: a["LQ"] % a["BLOCK_M"] == 0})(_at
 _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 
 
+# Autotuning candidates per kernel and padded head dim: (owner block, streamed block, warps,
+# stages), the owner being the query block for fwd/dq and the key block for dkdv. Pruned
+# offline: every kernel below was compiled for sm_90 (triton 3.9, no GPU needed) and
+# configurations that spilled registers to local memory were dropped — wide heads
+# (BLOCK_D 256, SD's 160) only keep small tiles or 8 warps. Those that still fail on some
+# GPU/Triton version are discarded by the autotuner itself (OutOfResources). The first
+# entry is the default when autotuning is off.
+_CANDIDATES = {
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+                  (128, 32, 4, 4), (64, 64, 4, 4)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3),
+                   (64, 32, 4, 4)],
+    ("fwd", 256): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2),
+                   (32, 32, 4, 2)],
+    ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
+                 (128, 128, 8, 2)],
+    ("dq", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 3)],
+    ("dq", 256): [(32, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
+                   (64, 64, 8, 3)],
+    ("dkdv", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 256): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)],
+}
+
+
 def _gpu_configs(kind: str, block_d: int):
-    """Autotuning candidates, pruned by head dim: the register file holds the q (or k/v)
-    tile and an fp32 accumulator of BLOCK × BLOCK_D per program, so wide heads (BLOCK_D 256,
-    i.e. SD's 160) only get the small tiles; configurations that still overflow shared
-    memory are discarded by the autotuner itself (OutOfResources)."""
-    C = triton.Config
-    if kind == "fwd":            # BLOCK_M queries per program, BLOCK_N keys per step
-        if block_d <= 64:
-            cand = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3),
-                    (128, 32, 4, 4), (64, 128, 4, 3)]
-        elif block_d <= 128:
-            cand = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-                    (64, 32, 4, 4)]
-        else:
-            cand = [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
-        return [C(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in cand]
-    # Backward kernels: the owner block (keys for dkdv, queries for dq) and the streamed one.
-    if block_d <= 64:
-        cand = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
-                (128, 128, 8, 2)]
-    elif block_d <= 128:
-        cand = [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)]
-    else:
-        cand = [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2), (32, 64, 4, 2)]
-    if kind == "dkdv":           # owner = keys (BLOCK_N), streamed = queries (BLOCK_M)
-        return [C(dict(BLOCK_N=o, BLOCK_M=s_), num_warps=w, num_stages=st)
-                for o, s_, w, st in cand]
-    return [C(dict(BLOCK_M=o, BLOCK_N=s_), num_warps=w, num_stages=st) for o, s_, w, st in cand]
+    cand = _CANDIDATES[(kind, min(max(block_d, 64), 256))]
+    owner, streamed = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
+    return [triton.Config({owner: o, streamed: s}, num_warps=w, num_stages=st)
+            for o, s, w, st in cand]
 
 
 def _fixed_gpu_config(kind: str, block_d: int):

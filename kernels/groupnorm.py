@@ -306,7 +306,9 @@ def _gn_bwd_dx_kernel(
         pm = mc[:, None] & (offs_p < NS)[None, :]
         c1v += k * tl.sum(tl.load(PS1 + pp, mask=pm, other=0.0), axis=1)
         c2v += k * tl.sum(tl.load(PS2 + pp, mask=pm, other=0.0), axis=1)
-    n = (CPG * HW).to(tl.float32)
+    # Not (CPG * HW).to(...): Triton turns integer arguments equal to 1 into compile-time
+    # constants (a 1×1 group, or HW = 1), and a constant has no .to().
+    n = CPG * HW * 1.0
     c1 = tl.sum(c1v, axis=0) / n
     c2 = tl.sum(c2v, axis=0) / n
 
