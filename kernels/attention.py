@@ -51,7 +51,8 @@ def attention_ref(q, k, v, upcast=False):
     softmax(q·kᵀ/√D)·v in fp32 and casts back — the tests' fp32 ground truth."""
     if not upcast:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    qf, kf, vf = q.float(), k.float(), v.float()
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
     s = qf @ kf.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return (s.softmax(-1) @ vf).to(q.dtype)
 

@@ -36,6 +36,9 @@ reductions go through a small fp32 partials buffer:
              4. _gn_bwd_dx_kernel: sums the partials of its group (the group means above),
                 writes dx for its tile; the first spatial tile also writes the per-(b, c)
                 parameter-gradient terms, which the launcher sums over b.
+Groups small enough for one tile (the UNet's 8×8 level, the tiny preset) skip all that:
+_gn_fwd_single_kernel / _gn_bwd_single_kernel give each (sample, group) one program that
+reads its data once and does everything in registers — one launch per direction.
 Addressing is by (batch, channel, spatial) strides of x viewed as (B, C, HW), so contiguous
 NCHW (channel stride HW, spatial stride 1) and channels-last (channel stride 1, spatial stride
 C) run through the same kernels, and outputs keep the input's memory format.
@@ -54,10 +57,10 @@ import triton.language as tl
 def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, scale=None,
                    shift=None, upcast=True):
     """The PyTorch reference: GroupNorm → x·(1+scale)+shift → SiLU. With upcast (the
-    default, and what `ldm_fast.ops` runs eagerly) everything is computed in fp32 and the
-    result is cast back to x's dtype; upcast=False runs the same chain in x's own dtype, which
+    default, and what `ldm_fast.ops` runs eagerly) everything is computed in fp32 (or wider)
+    and the result is cast back to x's dtype; upcast=False runs the same chain in x's own dtype, which
     is the "same-precision PyTorch" error baseline the tests compare the kernel against."""
-    dt = torch.float32 if upcast else x.dtype
+    dt = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype   # fp64 stays fp64
     out = F.group_norm(x.to(dt), num_groups, None, None, eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if weight is not None:
@@ -144,6 +147,54 @@ def _gn_group_stats(PART, pid_bg, NSPLIT, total, eps, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 [BLOCK_C] vectors w, β, 1+scale, shift for channels `ch` of sample b; absent
+    inputs give the identity (1, 0, 1, 0)."""
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    beta = tl.zeros([BLOCK_C], tl.float32)
+    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
+    sh = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_W:
+        w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_B:
+        beta = tl.load(BETA + ch, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(SCALE + b * ssb + ch * ssc, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(SHIFT + b * shb + ch * shc, mask=mask_c, other=0.0).to(tl.float32)
+    return w, beta, s1, sh
+
+
+@triton.jit
+def _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT: tl.constexpr):
+    """y from x for a [BLOCK_C, BLOCK_S] tile: the folded v = x·a + d, then SiLU."""
+    a = rstd * w * s1
+    d = (beta - mean * rstd * w) * s1 + sh
+    v = x * a[:, None] + d[:, None]
+    if ACT:
+        # Padding lanes hold x = 0, i.e. v = d, which can be far out (|μ·r| large) and make
+        # exp overflow; they are never stored, but zero them so no inf is ever computed.
+        v = tl.where(mask, v, 0.0)
+        v = v * tl.sigmoid(v)
+    return v
+
+
+@triton.jit
+def _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT: tl.constexpr):
+    """dv (the gradient at the input of SiLU) from dy, zero on padding lanes. SiLU'(v) =
+    σ(v)·(1 + v·(1 − σ(v))), with v recomputed from x̂ rather than stored by the forward."""
+    dv = dy
+    if ACT:
+        v = (xhat * w[:, None] + beta[:, None]) * s1[:, None] + sh[:, None]
+        v = tl.where(mask, v, 0.0)   # padding lanes: keep exp finite (as in the forward)
+        sig = tl.sigmoid(v)
+        dv = dv * sig * (1.0 + v * (1.0 - sig))
+    return tl.where(mask, dv, 0.0)
+
+
+@triton.jit
 def _gn_fwd_kernel(
     X, Y,         # input and output, both viewed as (B, C, HW) through their own strides
     PART,         # fp32 partials from _gn_stats_kernel
@@ -170,22 +221,12 @@ def _gn_fwd_kernel(
         tl.store(MEAN + pid_bg, mean)
         tl.store(RSTD + pid_bg, rstd)
 
-    # Stage 2: fold norm, affine and modulation into per-channel a·x + d (fp32).
+    # Stage 2: this tile's channel constants.
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CPG
     ch = g * CPG + offs_c
-    a = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-    if HAS_W:
-        a = a * tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-    d = -mean * a
-    if HAS_B:
-        d += tl.load(BETA + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + b * ssb + ch * ssc, mask=mask_c, other=0.0).to(tl.float32)
-        a = a * s1
-        d = d * s1
-    if HAS_SHIFT:
-        d += tl.load(SHIFT + b * shb + ch * shc, mask=mask_c, other=0.0).to(tl.float32)
+    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
 
     # Stage 3: the tile — one multiply-add, optional SiLU, one store in the output dtype.
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -193,12 +234,44 @@ def _gn_fwd_kernel(
     chl = ch.to(tl.int64)[:, None]
     x = tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
                 mask=mask, other=0.0).to(tl.float32)
-    v = x * a[:, None] + d[:, None]
-    if ACT:
-        # Padding lanes hold x = 0, i.e. v = d, which can be far out (|μ·r| large) and make
-        # exp overflow; they are never stored, but zero them so no inf is ever computed.
-        v = tl.where(mask, v, 0.0)
-        v = v * tl.sigmoid(v)
+    v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
+    tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
+             v.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_fwd_single_kernel(
+    X, Y, MEAN, RSTD, W, BETA, SCALE, SHIFT,   # as in _gn_fwd_kernel
+    sxb, sxc, sxs, syb, syc, sys_,
+    ssb, ssc, shb, shc,
+    HW, G, CPG, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Whole group in one tile (small groups: the UNet's 8×8 level, the tiny preset): one
+    program per (sample, group) reads x once, keeps it in registers for the exact two-pass
+    statistics, and writes y — one launch, no partials."""
+    pid_bg = tl.program_id(0)
+    b = pid_bg // G
+    g = pid_bg % G
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CPG
+    mask = mask_c[:, None] & (offs_s < HW)[None, :]
+    ch = g * CPG + offs_c
+    chl = ch.to(tl.int64)[:, None]
+    x = tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    n = CPG * HW * 1.0   # not .to(): CPG or HW may be a compile-time 1
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+    dev = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dev * dev, axis=1), axis=0) / n + eps)
+    tl.store(MEAN + pid_bg, mean)
+    tl.store(RSTD + pid_bg, rstd)
+    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
     tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
              v.to(Y.dtype.element_ty), mask=mask)
 
@@ -227,19 +300,8 @@ def _gn_bwd_reduce_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CPG
     ch = g * CPG + offs_c
-    # Per-channel constants: u = x̂·w + β, v = u·s1 + shift.
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    beta = tl.zeros([BLOCK_C], tl.float32)
-    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
-    sh = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_W:
-        w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_B:
-        beta = tl.load(BETA + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + b * ssb + ch * ssc, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        sh = tl.load(SHIFT + b * shb + ch * shc, mask=mask_c, other=0.0).to(tl.float32)
+    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
 
     chl = ch.to(tl.int64)[:, None]
     xb = X + b.to(tl.int64) * sxb + chl * sxc
@@ -250,15 +312,9 @@ def _gn_bwd_reduce_kernel(
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
         x = tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
-        dv = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
-        if ACT:
-            # SiLU'(v) = σ(v)·(1 + v·(1 − σ(v))), with v recomputed rather than stored.
-            v = (xhat * w[:, None] + beta[:, None]) * s1[:, None] + sh[:, None]
-            v = tl.where(mask, v, 0.0)   # padding lanes: keep exp finite (as in the forward)
-            sig = tl.sigmoid(v)
-            dv = dv * sig * (1.0 + v * (1.0 - sig))
-        dv = tl.where(mask, dv, 0.0)
+        dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
         acc1 += tl.sum(dv, axis=1)
         acc2 += tl.sum(dv * xhat, axis=1)
     out = (b * C + ch).to(tl.int64) * NS + pid_s
@@ -316,18 +372,8 @@ def _gn_bwd_dx_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CPG
     ch = g * CPG + offs_c
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    beta = tl.zeros([BLOCK_C], tl.float32)
-    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
-    sh = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_W:
-        w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_B:
-        beta = tl.load(BETA + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + b * ssb + ch * ssc, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        sh = tl.load(SHIFT + b * shb + ch * shc, mask=mask_c, other=0.0).to(tl.float32)
+    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
 
     # Stage 3: parameter-gradient terms, once per (b, channel block).
     if pid_s == 0:
@@ -348,46 +394,103 @@ def _gn_bwd_dx_kernel(
     bl = b.to(tl.int64)
     x = tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
                 other=0.0).to(tl.float32)
-    dv = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
+    dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
                  other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
-    if ACT:
-        v = (xhat * w[:, None] + beta[:, None]) * s1[:, None] + sh[:, None]
-        v = tl.where(mask, v, 0.0)
-        sig = tl.sigmoid(v)
-        dv = dv * sig * (1.0 + v * (1.0 - sig))
+    dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
     dx = rstd * (dv * (s1 * w)[:, None] - c1 - xhat * c2)
     tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
              mask=mask)
 
 
+@triton.jit
+def _gn_bwd_single_kernel(
+    X, DY, DX, MEAN, RSTD, W, BETA, SCALE, SHIFT,   # as in _gn_bwd_dx_kernel
+    PW, PB, DSCALE, DSHIFT,
+    sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
+    ssb, ssc, shb, shc,
+    C, HW, G, CPG,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The backward of _gn_fwd_single_kernel: one program per (sample, group) reads x and dy
+    once, reduces S1, S2 in registers and writes dx and the parameter-gradient terms."""
+    pid_bg = tl.program_id(0)
+    b = pid_bg // G
+    g = pid_bg % G
+    mean = tl.load(MEAN + pid_bg)
+    rstd = tl.load(RSTD + pid_bg)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CPG
+    mask = mask_c[:, None] & (offs_s < HW)[None, :]
+    ch = g * CPG + offs_c
+    chl = ch.to(tl.int64)[:, None]
+    bl = b.to(tl.int64)
+    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    x = tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
+                other=0.0).to(tl.float32)
+    dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
+                 other=0.0).to(tl.float32)
+    xhat = (x - mean) * rstd
+    dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
+    S1 = tl.sum(dv, axis=1)
+    S2 = tl.sum(dv * xhat, axis=1)
+    k = w * s1
+    n = CPG * HW * 1.0
+    c1 = tl.sum(k * S1, axis=0) / n
+    c2 = tl.sum(k * S2, axis=0) / n
+    dx = rstd * (dv * k[:, None] - c1 - xhat * c2)
+    tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
+             mask=mask)
+    pc = (b * C + ch).to(tl.int64)
+    tl.store(PW + pc, s1 * S2, mask=mask_c)
+    tl.store(PB + pc, s1 * S1, mask=mask_c)
+    tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mask_c)
+    tl.store(DSHIFT + pc, S1, mask=mask_c)
+
+
 # ----------------------------------------------------------------------------- 3. launchers
 
-# Elements per program tile. 4096 keeps a tile in registers (16 fp32 values per thread at 8
-# warps) while giving the SD1.5 shapes ≥ 256 programs per kernel — enough to fill an H100.
-_TILE = 4096
+# Elements per program tile (split path). Memory-bound kernels want many warps resident per
+# SM: at 8 elements per thread (one 16-byte fp16 vector) the kernels compiled for sm_90 need
+# 56–128 registers per thread, at 16 elements 120–246 (one 256-thread program per SM for the
+# backward reduction). So 2048-element tiles at 8 warps, giving the SD1.5 shapes 512–2048
+# programs per kernel.
+_TILE = 2048
 # Statistics partials per group are capped so that the combine in every apply program stays
 # a handful of loads; larger groups give each stats program several tiles instead.
 _MAX_SPLIT = 32
 # Channels per tile are capped so that very wide groups (e.g. G = 1) still fit a tile;
 # they become several channel blocks.
 _MAX_BLOCK_C = 256
+# Groups that fit in one tile of at most this many elements take the one-program-per-group
+# kernels (one launch, x read once); 0 forces the split path (tests use it).
+_SINGLE_MAX = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _plan(cpg: int, hw: int):
-    """Tile shape and split for a group of cpg channels × hw positions."""
-    block_c = max(2, min(triton.next_power_of_2(cpg), _MAX_BLOCK_C))
-    block_s = max(2, min(triton.next_power_of_2(hw), _TILE // block_c))
+    """Tile shape and split for a group of cpg channels × hw positions: (BLOCK_C, BLOCK_S,
+    channel blocks, spatial tiles, tiles per statistics chunk, chunks, single-tile path?)."""
+    block_c = max(2, triton.next_power_of_2(cpg))
+    block_s = max(2, triton.next_power_of_2(hw))
+    if block_c * block_s <= _SINGLE_MAX:
+        return block_c, block_s, 1, 1, 1, 1, True
+    block_c = min(block_c, _MAX_BLOCK_C)
+    block_s = max(2, min(block_s, _TILE // block_c))
     n_cblk = triton.cdiv(cpg, block_c)
     n_stile = triton.cdiv(hw, block_s)
     iters = triton.cdiv(n_stile, _MAX_SPLIT)
     n_chunk = triton.cdiv(n_stile, iters)
-    return block_c, block_s, n_cblk, n_stile, iters, n_chunk
+    return block_c, block_s, n_cblk, n_stile, iters, n_chunk, False
 
 
 def _num_warps(block_c, block_s):
-    return 8 if block_c * block_s >= 2048 else 4
+    """8 elements per thread (see _TILE), between 1 and 16 warps."""
+    return max(1, min(16, block_c * block_s // 256))
 
 
 def _as_bcs(t: torch.Tensor) -> torch.Tensor:
@@ -428,24 +531,28 @@ def _gn_forward(x, weight, bias, scale, shift, num_groups, eps, act):
     hw = x3.shape[2]
     y = _empty_out(x)
     y3 = y.view(B, C, hw)
-    block_c, block_s, n_cblk, n_stile, iters, n_chunk = _plan(cpg, hw)
-    nsplit = n_chunk * n_cblk
-    part = torch.empty((3, B * G, nsplit), device=x.device, dtype=torch.float32)
+    block_c, block_s, n_cblk, n_stile, iters, n_chunk, single = _plan(cpg, hw)
     mean = torch.empty((B, G), device=x.device, dtype=torch.float32)
     rstd = torch.empty((B, G), device=x.device, dtype=torch.float32)
     nw = _num_warps(block_c, block_s)
+    dummy = mean  # never dereferenced when the matching HAS_* flag is off
+    params = (weight if weight is not None else dummy, bias if bias is not None else dummy,
+              scale if scale is not None else dummy, shift if shift is not None else dummy)
+    strides = (*x3.stride(), *y3.stride(), *_mod_strides(scale), *_mod_strides(shift))
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+                 HAS_SHIFT=shift is not None, ACT=act)
+    if single:
+        _gn_fwd_single_kernel[(B * G,)](
+            x3, y3, mean, rstd, *params, *strides, hw, G, cpg, eps, **flags,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
+        return y, mean, rstd
+    nsplit = n_chunk * n_cblk
+    part = torch.empty((3, B * G, nsplit), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[(B * G, n_chunk, n_cblk)](
         x3, part, *x3.stride(), hw, G, cpg, nsplit, iters,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
-    dummy = part  # never dereferenced when the matching HAS_* flag is off
     _gn_fwd_kernel[(B * G, n_stile, n_cblk)](
-        x3, y3, part, mean, rstd,
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        *x3.stride(), *y3.stride(), *_mod_strides(scale), *_mod_strides(shift),
-        hw, G, cpg, nsplit, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, ACT=act,
+        x3, y3, part, mean, rstd, *params, *strides, hw, G, cpg, nsplit, eps, **flags,
         BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_P=max(2, triton.next_power_of_2(nsplit)),
         num_warps=nw)
     return y, mean, rstd
@@ -460,31 +567,38 @@ def _gn_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
     dy3 = _as_bcs(dy)
     dx = _empty_out(x)
     dx3 = dx.view(B, C, hw)
-    block_c, block_s, n_cblk, n_stile, iters, n_chunk = _plan(cpg, hw)
+    block_c, block_s, n_cblk, n_stile, iters, n_chunk, single = _plan(cpg, hw)
     dev = x.device
-    ps1 = torch.empty((B, C, n_chunk), device=dev, dtype=torch.float32)
-    ps2 = torch.empty((B, C, n_chunk), device=dev, dtype=torch.float32)
     pw = torch.empty((B, C), device=dev, dtype=torch.float32)
     pb = torch.empty((B, C), device=dev, dtype=torch.float32)
     dscale = torch.empty((B, C), device=dev, dtype=torch.float32)
     dshift = torch.empty((B, C), device=dev, dtype=torch.float32)
-    dummy = ps1
+    dummy = mean  # never dereferenced when the matching HAS_* flag is off
     w_, b_ = (weight if weight is not None else dummy), (bias if bias is not None else dummy)
     s_, h_ = (scale if scale is not None else dummy), (shift if shift is not None else dummy)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
                  HAS_SHIFT=shift is not None, ACT=act)
     nw = _num_warps(block_c, block_s)
-    _gn_bwd_reduce_kernel[(B * G, n_chunk, n_cblk)](
-        x3, dy3, mean, rstd, w_, b_, s_, h_, ps1, ps2,
-        *x3.stride(), *dy3.stride(), *_mod_strides(scale), *_mod_strides(shift),
-        C, hw, G, cpg, n_chunk, iters, **flags,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
-    _gn_bwd_dx_kernel[(B * G, n_stile, n_cblk)](
-        x3, dy3, dx3, mean, rstd, w_, b_, s_, h_, ps1, ps2, pw, pb, dscale, dshift,
-        *x3.stride(), *dy3.stride(), *dx3.stride(), *_mod_strides(scale), *_mod_strides(shift),
-        C, hw, G, cpg, n_chunk, **flags,
-        BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_P=max(2, triton.next_power_of_2(n_chunk)),
-        num_warps=nw)
+    if single:
+        _gn_bwd_single_kernel[(B * G,)](
+            x3, dy3, dx3, mean, rstd, w_, b_, s_, h_, pw, pb, dscale, dshift,
+            *x3.stride(), *dy3.stride(), *dx3.stride(), *_mod_strides(scale),
+            *_mod_strides(shift), C, hw, G, cpg, **flags,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
+    else:
+        ps1 = torch.empty((B, C, n_chunk), device=dev, dtype=torch.float32)
+        ps2 = torch.empty((B, C, n_chunk), device=dev, dtype=torch.float32)
+        _gn_bwd_reduce_kernel[(B * G, n_chunk, n_cblk)](
+            x3, dy3, mean, rstd, w_, b_, s_, h_, ps1, ps2,
+            *x3.stride(), *dy3.stride(), *_mod_strides(scale), *_mod_strides(shift),
+            C, hw, G, cpg, n_chunk, iters, **flags,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
+        _gn_bwd_dx_kernel[(B * G, n_stile, n_cblk)](
+            x3, dy3, dx3, mean, rstd, w_, b_, s_, h_, ps1, ps2, pw, pb, dscale, dshift,
+            *x3.stride(), *dy3.stride(), *dx3.stride(), *_mod_strides(scale),
+            *_mod_strides(shift), C, hw, G, cpg, n_chunk, **flags,
+            BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_P=max(2, triton.next_power_of_2(n_chunk)),
+            num_warps=nw)
     dw = pw.sum(0) if weight is not None else None
     db = pb.sum(0) if bias is not None else None
     return dx, dw, db, dscale, dshift

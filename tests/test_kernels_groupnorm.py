@@ -93,28 +93,37 @@ def _compare(shape, groups, dtype, variant, channels_last=False, offset=0.0):
 
 # ----------------------------------------------------------------------------- correctness
 
+@pytest.fixture(params=["single", "split"])
+def path(request, monkeypatch):
+    """Run a test through the one-program-per-group kernels ('single': these tiny groups fit
+    one tile) and through the tiled statistics/apply kernels that SD-sized groups take."""
+    if request.param == "split":
+        monkeypatch.setattr(gn, "_SINGLE_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variants_odd_spatial(variant, dtype):
+def test_variants_odd_spatial(variant, dtype, path):
     """7×9 spatial, 10 channels per group (neither a power of two nor a multiple of 32)."""
     _compare((2, 40, 7, 9), 4, dtype, variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["gn_silu", "gn_scaleshift_silu"])
-def test_channels_last(variant, dtype):
+def test_channels_last(variant, dtype, path):
     _compare((2, 24, 7, 9), 8, dtype, variant, channels_last=True)
 
 
 @pytest.mark.parametrize("shape,groups", [((3, 40, 5), 5), ((4, 6), 2), ((1, 32, 4, 4), 32),
                                           ((2, 8, 3, 4, 5), 4)],
                          ids=["1d", "no_spatial", "one_channel_per_group", "3d"])
-def test_other_ranks(shape, groups):
+def test_other_ranks(shape, groups, path):
     _compare(shape, groups, torch.float32, "gn_scaleshift_silu")
 
 
-def test_large_mean_statistics_stay_exact():
+def test_large_mean_statistics_stay_exact(path):
     """fp32 statistics that do not cancel: mean 1000 with unit spread (E[x²]−E[x]² would
     lose about 3 significant digits here)."""
     _compare((2, 16, 7, 9), 4, torch.float32, "gn_silu", offset=1000.0)
@@ -126,7 +135,9 @@ def test_multi_tile_and_multi_chunk_paths(monkeypatch):
     monkeypatch.setattr(gn, "_TILE", 16)
     monkeypatch.setattr(gn, "_MAX_SPLIT", 3)
     monkeypatch.setattr(gn, "_MAX_BLOCK_C", 4)
-    block_c, block_s, n_cblk, n_stile, iters, n_chunk = gn._plan(12, 35)
+    monkeypatch.setattr(gn, "_SINGLE_MAX", 0)
+    block_c, block_s, n_cblk, n_stile, iters, n_chunk, single = gn._plan(12, 35)
+    assert not single
     assert (n_cblk, iters, n_chunk) == (3, 3, 3)   # 3 channel blocks, 3 tiles × 3 chunks
     _compare((1, 12, 5, 7), 1, torch.float32, "gn_scaleshift_silu")
     _compare((1, 12, 5, 7), 1, torch.float32, "gn_silu", channels_last=True)
@@ -198,9 +209,11 @@ def test_ops_switch_falls_back_loudly_for_unsupported_dtype():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 16, 16), (2, 640, 32, 32)])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16),
+                                   (2, 1280, 8, 8), (1, 128, 256, 256)])
 def test_sd_shapes_gpu(shape, dtype):
-    """SD1.5 UNet shapes at 512², compiled on the GPU, both memory formats."""
+    """SD1.5 UNet shapes at 512² (the 8×8 level takes the single-tile kernels) and a VAE
+    decoder shape (several tiles per statistics program), compiled, both memory formats."""
     _compare(shape, 32, dtype, "gn_scaleshift_silu")
     _compare(shape, 32, dtype, "gn_silu", channels_last=True)
 
@@ -251,7 +264,7 @@ def compile_for_sm90(jobs):
 
 
 def test_kernels_compile_for_sm90():
-    """All four GroupNorm kernels, every flag on, for fp16 and bf16 — once with the integer
+    """All six GroupNorm kernels, every flag on, for fp16 and bf16 — once with the integer
     arguments that Triton specialises when they equal 1 (1 channel per group, HW = 1, ...)."""
     m = "ldm_fast.kernels.groupnorm"
     jobs = []
@@ -262,7 +275,8 @@ def test_kernels_compile_for_sm90():
         flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, ACT=True)
         for name, extra in (("_gn_stats_kernel", {}), ("_gn_fwd_kernel", dict(flags, BLOCK_P=16)),
                             ("_gn_bwd_reduce_kernel", flags),
-                            ("_gn_bwd_dx_kernel", dict(flags, BLOCK_P=16))):
+                            ("_gn_bwd_dx_kernel", dict(flags, BLOCK_P=16)),
+                            ("_gn_fwd_single_kernel", flags), ("_gn_bwd_single_kernel", flags)):
             args = getattr(gn, name).arg_names
             consts = dict(BLOCK_C=16, BLOCK_S=256, **extra,
                           **{k: v for k, v in ones.items() if k in args})
