@@ -15,8 +15,19 @@ from ldm_fast import ops, samplers
 from ldm_fast.diffusion import make_schedule
 from ldm_fast.kernels import sampler_steps as ss
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU machine
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SCHED = make_schedule("linear")
 AC = SCHED.alphas_cumprod
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: on a shared 2-core machine a second intra-op thread only adds wake-ups."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _a(t):
@@ -24,7 +35,7 @@ def _a(t):
 
 
 def _rand(shape, seed, dtype=torch.float32):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
 def _ref64(ref, x, out, **kw):
@@ -141,9 +152,9 @@ def test_large_flat_size_uses_big_blocks():
 
 
 def test_rejects_bad_inputs():
-    x = torch.zeros(2, 3, 4, 4)
+    x = torch.zeros(2, 3, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="does not match"):
-        ss.ddim_step(x, torch.zeros(3, 3, 4, 4), 0.5, 0.6)
+        ss.ddim_step(x, torch.zeros(3, 3, 4, 4, device=DEVICE), 0.5, 0.6)
     with pytest.raises(ValueError, match="noise"):
         ss.ddim_step(x, x, 0.5, 0.6, eta=1.0)
     with pytest.raises(ValueError, match="a_prev"):
@@ -176,8 +187,8 @@ class _TinyModel:
 
     def __init__(self, channels):
         g = torch.Generator().manual_seed(0)
-        self.w = torch.randn(channels, channels, 3, 3, generator=g) * 0.2
-        self.proj = torch.randn(3, channels, generator=g)
+        self.w = (torch.randn(channels, channels, 3, 3, generator=g) * 0.2).to(DEVICE)
+        self.proj = torch.randn(3, channels, generator=g).to(DEVICE)
 
     def __call__(self, x, t, cond):
         h = torch.nn.functional.conv2d(x.float(), self.w, padding=1)
@@ -193,7 +204,7 @@ def test_sampling_run_matches_eager_step_for_step(name, kwargs, param):
     model = _TinyModel(4)
     x = _rand((2, 4, 5, 7), 0)
     cond = {"y": _rand((2, 3), 1)}
-    uncond = {"y": torch.zeros(2, 3)}
+    uncond = {"y": torch.zeros(2, 3, device=DEVICE)}
 
     def run(backend, x):
         trace = []
@@ -233,3 +244,17 @@ def test_backend_switch_really_runs_the_kernel(monkeypatch):
     monkeypatch.setenv("LDM_KERNELS", "eager")
     ops.ddim_step(x, x, 0.3, 0.5)
     assert calls == [1]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_sd_sized_guided_step_on_gpu(out_dtype):
+    """SD1.5 at 512²: fp32 latent (2, 4, 64, 64), CFG-stacked half-precision UNet output."""
+    x, out, prev = _rand((2, 4, 64, 64), 0), _rand((4, 4, 64, 64), 1, out_dtype), _rand((2, 4, 64, 64), 2)
+    a_t, a_next, a_prev = _a(500), _a(480), _a(520)
+    got = ss.dpmpp_2m_step(x, out, a_t, a_next, x0_prev=prev, a_prev=a_prev, guidance=7.5)
+    want = _ref64(ss.dpmpp_2m_step_ref, x, out, a_t=a_t, a_next=a_next, x0_prev=prev, a_prev=a_prev,
+                  guidance=7.5)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_.double(), w_, rtol=2e-6, atol=2e-6 * max(1.0, float(w_.abs().max())))

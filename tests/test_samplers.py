@@ -68,6 +68,16 @@ class GaussianDenoiser:
         return out.to(x.dtype).reshape(x.shape)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run thousands of small ops (20k × 4 floats); on a shared 2-core machine
+    waking a second thread for each costs more than the op itself."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _noise(shape=(N, 4, 1, 1), seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
