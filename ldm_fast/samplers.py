@@ -64,7 +64,7 @@ def make_timesteps(schedule: Schedule, steps: int, spacing: str = "linspace") ->
 
 def _plan(schedule: Schedule, steps: int, timesteps, spacing: str):
     """(timesteps, ᾱ values): ᾱ has one more entry, 1.0, the clean end of the last step."""
-    ts = list(timesteps) if timesteps is not None else make_timesteps(schedule, steps, spacing)
+    ts = [int(t) for t in timesteps] if timesteps is not None else make_timesteps(schedule, steps, spacing)
     if any(b >= a for a, b in zip(ts, ts[1:])):
         raise ValueError(f"timesteps must be strictly decreasing, got {ts}")
     ac = schedule.alphas_cumprod
