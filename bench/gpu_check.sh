@@ -31,8 +31,19 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 if ! "$PY" -c "import ldm_fast.kernels" 2>/dev/null; then
     echo "gpu_check: installing the project (editable, --no-deps, offline)"
-    "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . || {
-        echo "gpu_check: could not install the project" >&2; exit 2; }
+    if ! "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e .; then
+        # No usable setuptools/pip offline: lay out the package as pyproject maps it
+        # (kernels/ → ldm_fast.kernels, export/ → ldm_fast.export) with symlinks instead.
+        overlay=$(mktemp -d)
+        mkdir "$overlay/ldm_fast"
+        for f in "$PWD"/ldm_fast/*; do ln -s "$f" "$overlay/ldm_fast/"; done
+        ln -s "$PWD/kernels" "$overlay/ldm_fast/kernels"
+        ln -s "$PWD/export" "$overlay/ldm_fast/export"
+        export PYTHONPATH="$overlay${PYTHONPATH:+:$PYTHONPATH}"
+        "$PY" -c "import ldm_fast.kernels" || {
+            echo "gpu_check: could not make the project importable" >&2; exit 2; }
+        echo "gpu_check: pip install failed; using a symlinked package layout in $overlay"
+    fi
 fi
 
 GPU_SLUG=$("$PY" -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0)).strip('-'))")

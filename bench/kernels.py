@@ -6,7 +6,8 @@
 For every case it times forward and backward of three implementations on the same inputs —
 `triton` (ldm_fast.kernels), `eager` (what a PyTorch user writes: F.group_norm + F.silu in
 the input dtype; F.scaled_dot_product_attention, which picks FlashAttention-2 or
-memory-efficient kernels on its own) and `compile` (torch.compile of the eager function) —
+memory-efficient kernels on its own) and `compile` (torch.compile of the eager function); for
+GroupNorm also `ops_eager`, this project's own eager path (fp32 maths, LDM_KERNELS=eager) —
 with triton.testing.do_bench (CUDA-synchronised, cache flushed, median of repeats), and
 reports:
   GroupNorm: effective GB/s = the bytes the op must move at least (read x, write y forward;
@@ -183,8 +184,12 @@ def run_groupnorm(do_bench, dtype, sizes, peaks, copy_bw):
                 r[f"{p}_frac_copy_bw"] = r[f"{p}_GBps"] * 1e9 / copy_bw
             return r
 
+        def ops_eager(x, w, b, sc, sh):   # what LDM_KERNELS=eager runs: fp32 maths, cast back
+            return gn.group_norm_ref(x, G, w, b, eps, act=act, scale=sc, shift=sh)
+
         row["impl"] = _time_impls(do_bench, (("eager", eager), ("triton", triton_fn),
-                                             ("compile", compiled)), inputs, dy, work)
+                                             ("compile", compiled), ("ops_eager", ops_eager)),
+                                  inputs, dy, work)
         _speedups(row)
         rows.append(row)
         print(_row_line(row, "GBps"), flush=True)
@@ -249,18 +254,20 @@ def _row_line(row, unit):
 
 def markdown(rows):
     out = ["| kernel | case | shape | dtype | pass | triton ms | eager ms | compile ms | "
-           "triton GB/s or TFLOP/s | of peak | ×eager | ×compile | max diff |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ops-eager ms | triton GB/s or TFLOP/s | of peak | ×eager | ×compile | max diff |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         unit = "GBps" if r["kernel"] == "groupnorm" else "TFLOPs"
         frac = "frac_peak_bw" if r["kernel"] == "groupnorm" else "frac_peak"
         for p in ("fwd", "bwd"):
-            t, e, c = (r["impl"].get(n, {}) for n in ("triton", "eager", "compile"))
+            t, e, c, o = (r["impl"].get(n, {})
+                          for n in ("triton", "eager", "compile", "ops_eager"))
             f = t.get(f"{p}_{frac}")
             out.append(
                 f"| {r['kernel']} | {r['case']} | {'×'.join(map(str, r['shape']))} | {r['dtype']} "
                 f"| {p} | {_fmt(t.get(p + '_ms'), '.4f')} | {_fmt(e.get(p + '_ms'), '.4f')} "
-                f"| {_fmt(c.get(p + '_ms'), '.4f')} | {_fmt(t.get(p + '_' + unit), '.1f')} "
+                f"| {_fmt(c.get(p + '_ms'), '.4f')} | {_fmt(o.get(p + '_ms'), '.4f')} "
+                f"| {_fmt(t.get(p + '_' + unit), '.1f')} "
                 f"| {'—' if f is None else f'{100 * f:.0f}%'} "
                 f"| {_fmt(r[p + '_speedup_vs_eager'], '.2f')} "
                 f"| {_fmt(r[p + '_speedup_vs_compile'], '.2f')} "
@@ -285,8 +292,9 @@ def environment():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results/kernels.json",
-                    help="JSON path; the Markdown table goes next to it (.md)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default bench/results/kernels.json); the Markdown table "
+                         "goes next to it (.md)")
     ap.add_argument("--only", choices=["groupnorm", "attention"], default=None)
     ap.add_argument("--sizes", default="sd,tiny", help="comma list of sd, tiny")
     ap.add_argument("--dtype", default="fp16,bf16", help="comma list of fp16, bf16, fp32")
@@ -329,7 +337,7 @@ def main(argv=None):
         if args.only in (None, "attention"):
             rows += run_attention(do_bench, dtype, sizes, peaks)
 
-    out = Path(args.out)
+    out = Path(args.out or "bench/results/kernels.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
     table = markdown(rows)
@@ -361,7 +369,7 @@ def smoke(args):
     print(markdown(rows))
     print("SMOKE RUN: interpreter timings, meaningless as speed.", "failed:" if failed else "",
           failed or "")
-    if "--out" in " ".join(sys.argv):
+    if args.out:
         Path(args.out).write_text(json.dumps({"smoke": True, "results": rows}, indent=1))
     return 1 if failed else 0
 

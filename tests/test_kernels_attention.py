@@ -257,6 +257,21 @@ def test_kernels_compile_for_sm90():
     compile_for_sm90(jobs)
 
 
+def test_benchmark_script_smoke():
+    """bench/kernels.py end to end on toy shapes (interpreter, wall clock) so the GPU
+    benchmark cannot rot unnoticed between the rare sessions that have a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, bench/gpu_check.sh runs the real benchmark")
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke"]) == 0
+    assert bench.main([]) == 0   # no CUDA: says so, times nothing, exits cleanly
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu

@@ -248,6 +248,8 @@ def compile_for_sm90(jobs):
     import subprocess
     import sys
     import inspect
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU tests compile and run the real kernels")
     try:
         import triton.compiler
         from triton.backends.compiler import GPUTarget  # noqa: F401
