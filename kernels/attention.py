@@ -371,7 +371,7 @@ def _attn_backward(do, q, k, v, o, lse):
     c = _consts(q)
     scale = 1.0 / math.sqrt(D)
     delta = torch.empty_like(lse)
-    bm = 64
+    bm = max(16, 4096 // c["BLOCK_D"])   # o and dO tiles of 4096 elements: no spills at D=256
     _attn_bwd_delta_kernel[(triton.cdiv(LQ, bm), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, LQ,
         HEAD_DIM=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=bm)

@@ -58,8 +58,9 @@ def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, s
                    shift=None, upcast=True):
     """The PyTorch reference: GroupNorm → x·(1+scale)+shift → SiLU. With upcast (the
     default, and what `ldm_fast.ops` runs eagerly) everything is computed in fp32 (or wider)
-    and the result is cast back to x's dtype; upcast=False runs the same chain in x's own dtype, which
-    is the "same-precision PyTorch" error baseline the tests compare the kernel against."""
+    and the result is cast back to x's dtype; upcast=False runs the same chain in x's own
+    dtype, which is the "same-precision PyTorch" error baseline the tests compare the kernel
+    against."""
     dt = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype   # fp64 stays fp64
     out = F.group_norm(x.to(dt), num_groups, None, None, eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
