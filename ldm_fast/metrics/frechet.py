@@ -117,7 +117,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
-    if not (np.isfinite(s1).all() and np.isfinite(s2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ValueError("non-finite feature statistics (NaN/inf in the features?)")
     # Symmetrise: accumulated covariances can be asymmetric in the last bits.
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
