@@ -59,8 +59,11 @@ class ResumableSampler(Sampler):
 
 def make_loader(dataset: Dataset, tc: TrainConfig, seed: int, step: int, num_workers: int) -> DataLoader:
     sampler = ResumableSampler(len(dataset), seed, start=step * tc.batch_size)
+    # Its own generator: creating the iterator would otherwise draw from the global RNG and
+    # shift every later random number of a resumed run.
     return DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- shared loop parts
@@ -148,6 +151,7 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
     """Train the first stage (L1 + perceptual + PatchGAN) and write `autoencoder.safetensors`."""
     device = torch.device(device)
     tc = cfg.train_autoencoder
+    torch.manual_seed(cfg.seed)  # before any module is built: the initial weights follow the seed
     model = build_first_stage(cfg.autoencoder).to(device)
     if cfg.autoencoder.kind == "identity":
         run.save_first_stage(model, cfg)
@@ -157,7 +161,6 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
     opt_g = torch.optim.Adam(gen_params, lr=tc.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=tc.lr, betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     start = 0
     if resume and (found := ckpt.latest_valid(run.stage_dir("autoencoder"))):
         path, tensors, meta = found
@@ -232,13 +235,13 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
     into the UNet's conditioning (see model.py); None trains unconditionally."""
     device = torch.device(device)
     tc = cfg.train_ldm
+    torch.manual_seed(cfg.seed + 1)
     model = LatentDiffusion(cfg, first_stage).to(device)
     cond_module = getattr(conditioner, "module", None)
     params = list(model.unet.parameters()) + (list(cond_module.parameters()) if cond_module else [])
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(model.unet, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    torch.manual_seed(cfg.seed + 1)
     start, scale_known = 0, not (cfg.diffusion.scale_by_std and cfg.autoencoder.kind == "kl")
     if resume and (found := ckpt.latest_valid(run.stage_dir("ldm"))):
         path, tensors, meta = found
