@@ -1,0 +1,305 @@
+"""Latent cache: encode a dataset once with the frozen first stage, train the LDM on the result.
+
+Stage 2 never changes the first stage, so encoding every image again in every epoch (as the
+original training loop does) repeats the same encoder pass — and the data loading and
+augmentation-free rendering in front of it — for nothing. `build_latent_cache` runs the encoder
+once (batched, no grad) and stores on disk, in safetensors chunks:
+
+    ROOT/manifest.json             written last: a cache without it is incomplete and rebuilt
+    ROOT/chunk_00000.safetensors   rows [0, chunk_size): latents + tensor annotations;
+    ROOT/chunk_00001.safetensors   string annotations (captions) as JSON in the chunk metadata
+    …
+
+What is stored per image depends on the first stage:
+  KL ("moments")  the posterior's mean and log-variance, so `LatentCacheDataset` can draw a fresh
+                  posterior sample z = mean + std·ε per access — the same distribution the
+                  uncached loop sees (LatentDiffusion.encode samples the posterior), not its mode;
+  VQ / identity   the deterministic latent (pre-quantisation h, or the pixels for f = 1).
+Latents are stored unscaled; the dataset multiplies by the model's scale_factor, so the cache
+survives a change of scale (scale_by_std measures it on the first batch, see `latent_std`).
+
+The manifest records a fingerprint of the first stage's weights and the dataset's length:
+`build_latent_cache(..., reuse=True)` returns an existing cache only when both match, and
+rebuilds otherwise, so a retrained first stage never trains on stale latents.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+STORES = ("moments", "latent")
+
+
+class LatentCacheError(RuntimeError):
+    """A cache directory that is missing, incomplete, or does not match its manifest."""
+
+
+# ----------------------------------------------------------------------------- building
+
+def first_stage_fingerprint(first_stage: torch.nn.Module) -> str:
+    """SHA-1 over the first stage's class, parameter/buffer names, shapes, dtypes and bytes."""
+    h = hashlib.sha1(type(first_stage).__name__.encode())
+    for name, t in sorted(first_stage.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _default_store(first_stage) -> str:
+    return "moments" if getattr(first_stage, "kind", None) == "kl" else "latent"
+
+
+@torch.no_grad()
+def _encode(first_stage, x: torch.Tensor, store: str) -> dict[str, torch.Tensor]:
+    if store == "moments":
+        posterior = first_stage.encode(x)   # DiagonalGaussian (log-variance already clamped)
+        return {"mean": posterior.mean, "logvar": posterior.logvar}
+    return {"latent": first_stage.encode_latent(x, sample=False)}
+
+
+def _split_fields(batch: dict, fields) -> tuple[dict, dict]:
+    """(tensor annotations, string annotations) of a collated batch, without the image."""
+    tensors, strings = {}, {}
+    for key, value in batch.items():
+        if key == "image" or (fields is not None and key not in fields):
+            continue
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            strings[key] = list(value)
+        # anything else (nested structures) is not an annotation the cache knows how to store
+    return tensors, strings
+
+
+def _write_chunk(root: Path, index: int, tensors: dict[str, torch.Tensor], strings: dict) -> dict:
+    from safetensors.torch import save_file
+
+    name = f"chunk_{index:05d}.safetensors"
+    tmp = root / f".{name}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"strings": json.dumps(strings)})
+    os.replace(tmp, root / name)    # a reader never sees half a chunk
+    count = next(iter(tensors.values())).shape[0]
+    return {"file": name, "count": count}
+
+
+def read_manifest(root) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise LatentCacheError(f"{root}: no {MANIFEST} (not a latent cache, or an incomplete one)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != CACHE_VERSION:
+        raise LatentCacheError(f"{root}: cache version {manifest.get('version')} "
+                               f"(this code reads {CACHE_VERSION}); rebuild it")
+    return manifest
+
+
+def _reusable(root: Path, fingerprint: str, num_items: int, store: str) -> dict | None:
+    try:
+        manifest = read_manifest(root)
+    except (LatentCacheError, json.JSONDecodeError):
+        return None
+    ok = (manifest["first_stage"]["fingerprint"] == fingerprint and manifest["num_items"] == num_items
+          and manifest["store"] == store
+          and all((root / c["file"]).is_file() for c in manifest["chunks"]))
+    return manifest if ok else None
+
+
+def build_latent_cache(first_stage: torch.nn.Module, dataset: Dataset, root, *, batch_size: int = 64,
+                       chunk_size: int = 4096, store: str | None = None, fields=None,
+                       storage_dtype: torch.dtype = torch.float32, device="cpu", num_workers: int = 0,
+                       reuse: bool = True, progress: bool = False) -> dict:
+    """Encode every image of `dataset` (items: dicts with 'image' in [-1, 1] plus annotations)
+    once with the frozen `first_stage` and store the latents and annotations under `root`.
+    Returns the manifest. With `reuse`, an existing complete cache made by the same first-stage
+    weights from a dataset of the same length is returned as is.
+
+    fields: annotation keys to keep (default: every tensor or string field but 'image').
+    storage_dtype: float32 (default) or float16/bfloat16 to halve the disk and I/O."""
+    root = Path(root)
+    store = store or _default_store(first_stage)
+    if store not in STORES:
+        raise ValueError(f"store: expected one of {STORES}, got {store!r}")
+    if store == "moments" and getattr(first_stage, "kind", None) != "kl":
+        raise ValueError("store='moments' needs a KL first stage (a posterior to sample from)")
+    if chunk_size < 1 or batch_size < 1:
+        raise ValueError("chunk_size and batch_size must be positive")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to encode")
+    fingerprint = first_stage_fingerprint(first_stage)
+    if reuse and (manifest := _reusable(root, fingerprint, len(dataset), store)):
+        return manifest
+    if root.exists():
+        shutil.rmtree(root)   # stale or incomplete: never mix chunks of two encoders
+    root.mkdir(parents=True)
+
+    device = torch.device(device)
+    was_training = first_stage.training
+    first_stage.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    t0 = time.perf_counter()
+    chunks, pending, pending_strings, pending_n = [], [], {}, 0
+    field_info, string_fields = {}, set()
+
+    def flush(upto: int):
+        # Write the first `upto` pending rows as one chunk, keep the rest pending.
+        nonlocal pending, pending_strings, pending_n
+        merged = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+        chunks.append(_write_chunk(root, len(chunks), {k: v[:upto] for k, v in merged.items()},
+                                   {k: v[:upto] for k, v in pending_strings.items()}))
+        rest = {k: v[upto:] for k, v in merged.items()}
+        pending = [rest] if next(iter(rest.values())).shape[0] else []
+        pending_strings = {k: v[upto:] for k, v in pending_strings.items()}
+        pending_n -= upto
+
+    try:
+        for batch in _progress(loader, progress):
+            x = batch["image"].to(device)
+            encoded = {k: v.to("cpu", storage_dtype) for k, v in _encode(first_stage, x, store).items()}
+            tensors, strings = _split_fields(batch, fields)
+            for k, v in tensors.items():
+                field_info[k] = {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape[1:])}
+            string_fields.update(strings)
+            pending.append({**encoded, **{f"field.{k}": v.cpu() for k, v in tensors.items()}})
+            for k, v in strings.items():
+                pending_strings.setdefault(k, []).extend(v)
+            pending_n += x.shape[0]
+            while pending_n >= chunk_size:
+                flush(chunk_size)
+        if pending_n:
+            flush(pending_n)
+    finally:
+        first_stage.train(was_training)
+
+    probe = encoded[next(iter(encoded))]
+    manifest = {
+        "version": CACHE_VERSION,
+        "num_items": sum(c["count"] for c in chunks),
+        "chunks": chunks,
+        "store": store,
+        "latent_shape": list(probe.shape[1:]),
+        "storage_dtype": str(storage_dtype).replace("torch.", ""),
+        "fields": field_info,
+        "string_fields": sorted(string_fields),
+        "first_stage": {"kind": getattr(first_stage, "kind", type(first_stage).__name__),
+                        "fingerprint": fingerprint},
+        "source": {"type": type(dataset).__name__, "len": len(dataset)},
+        "encode_seconds": time.perf_counter() - t0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if manifest["num_items"] != len(dataset):
+        raise LatentCacheError(f"encoded {manifest['num_items']} items but the dataset has {len(dataset)}")
+    tmp = root / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)   # last: its presence means the cache is complete
+    return manifest
+
+
+def _progress(iterable, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc="encode latents")
+
+
+# ----------------------------------------------------------------------------- serving
+
+class LatentCacheDataset(Dataset):
+    """Items {'latent': (C, h, w) float32 · scale_factor, <annotation>: …} from a cache.
+
+    posterior: "sample" draws z = mean + std·ε for KL caches (ε from a generator seeded by
+    (seed, epoch, index), so a run is reproducible and resumable; call `set_epoch` each epoch
+    for fresh noise), "mean" returns the posterior mean. Deterministic caches ignore it.
+    Chunks are memory-mapped and read row by row; file handles are opened lazily per process,
+    so DataLoader workers each open their own."""
+
+    def __init__(self, root, scale_factor: float = 1.0, posterior: str = "sample", seed: int = 0,
+                 fields=None):
+        if posterior not in ("sample", "mean"):
+            raise ValueError(f"posterior: expected 'sample' or 'mean', got {posterior!r}")
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        for c in self.manifest["chunks"]:
+            if not (self.root / c["file"]).is_file():
+                raise LatentCacheError(f"{self.root}: chunk {c['file']} listed in the manifest is missing")
+        self.scale_factor = float(scale_factor)
+        self.posterior, self.seed, self.epoch = posterior, seed, 0
+        known = set(self.manifest["fields"]) | set(self.manifest["string_fields"])
+        self.fields = known if fields is None else set(fields)
+        if missing := self.fields - known:
+            raise LatentCacheError(f"{self.root}: fields {sorted(missing)} are not in the cache "
+                                   f"(it has {sorted(known)})")
+        self._starts = [0]
+        for c in self.manifest["chunks"]:
+            self._starts.append(self._starts[-1] + c["count"])
+        self._handles, self._strings, self._pid = {}, {}, None
+
+    def __len__(self) -> int:
+        return self.manifest["num_items"]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _chunk(self, k: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():   # after a fork: handles of the parent are not ours
+            self._handles, self._strings, self._pid = {}, {}, os.getpid()
+        if k not in self._handles:
+            f = safe_open(str(self.root / self.manifest["chunks"][k]["file"]), framework="pt")
+            self._handles[k] = f
+            self._strings[k] = json.loads((f.metadata() or {}).get("strings", "{}"))
+        return self._handles[k], self._strings[k]
+
+    def _noise_generator(self, index: int) -> torch.Generator:
+        key = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % (2 ** 63)
+        return torch.Generator().manual_seed(key)
+
+    def raw(self, index: int) -> dict:
+        """The stored tensors of one item (unscaled), without sampling."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
+        k = bisect.bisect_right(self._starts, index) - 1
+        f, strings = self._chunk(k)
+        j = index - self._starts[k]
+        out = {name: f.get_slice(name)[j:j + 1][0] for name in f.keys()}
+        for name, values in strings.items():
+            out[f"field.{name}"] = values[j]
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        raw = self.raw(index)
+        if "latent" in raw:
+            z = raw["latent"].float()
+        elif self.posterior == "mean":
+            z = raw["mean"].float()
+        else:
+            mean, logvar = raw["mean"].float(), raw["logvar"].float()
+            eps = torch.randn(mean.shape, generator=self._noise_generator(index))
+            z = mean + torch.exp(0.5 * logvar) * eps
+        item = {"latent": z * self.scale_factor}
+        for name in self.fields:
+            item[name] = raw[f"field.{name}"]
+        return item
+
+    def latent_std(self, num_items: int = 256) -> float:
+        """Std of the (sampled, unscaled) latents of the first `num_items` items: scale_by_std
+        sets scale_factor = 1 / this (the uncached loop measures it on its first batch)."""
+        scale, self.scale_factor = self.scale_factor, 1.0
+        try:
+            z = torch.stack([self[i]["latent"] for i in range(min(num_items, len(self)))])
+        finally:
+            self.scale_factor = scale
+        return float(z.flatten().std())

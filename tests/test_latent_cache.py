@@ -1,0 +1,148 @@
+"""Latent cache: what is served equals what the frozen first stage computes, annotations
+survive, chunks and manifest are consistent, stale or incomplete caches are rebuilt."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ldm_fast.autoencoder import build_first_stage
+from ldm_fast.config import AutoencoderConfig
+from ldm_fast.data.latent_cache import (LatentCacheDataset, LatentCacheError, build_latent_cache,
+                                        first_stage_fingerprint, read_manifest)
+from ldm_fast.data.procedural import ProceduralShapes
+
+
+def first_stage(kind="kl", seed=0):
+    torch.manual_seed(seed)
+    cfg = AutoencoderConfig(kind=kind, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                            z_channels=3, resolution=16, groups=4, n_embed=16, mid_attention=False)
+    return build_first_stage(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ProceduralShapes(10, 16)
+
+
+@pytest.fixture(scope="module")
+def kl_cache(tmp_path_factory, data):
+    fs = first_stage()
+    root = tmp_path_factory.mktemp("cache")
+    manifest = build_latent_cache(fs, data, root, batch_size=3, chunk_size=4)
+    return fs, root, manifest
+
+
+def test_manifest_and_chunks(kl_cache):
+    _, root, manifest = kl_cache
+    assert manifest == read_manifest(root)
+    assert manifest["num_items"] == 10 and [c["count"] for c in manifest["chunks"]] == [4, 4, 2]
+    assert manifest["store"] == "moments" and manifest["latent_shape"] == [3, 8, 8]
+    assert {"label", "boxes", "box_labels", "segmentation"} <= set(manifest["fields"])
+    assert manifest["string_fields"] == ["caption"]
+    assert all((root / c["file"]).is_file() for c in manifest["chunks"])
+
+
+def test_mean_latents_and_annotations_match_direct_encoding(kl_cache, data):
+    fs, root, _ = kl_cache
+    ds = LatentCacheDataset(root, scale_factor=0.5, posterior="mean")
+    assert len(ds) == len(data)
+    x = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        expected = fs.encode_latent(x, sample=False) * 0.5
+    for i in range(len(data)):
+        item, ref = ds[i], data[i]
+        torch.testing.assert_close(item["latent"], expected[i], atol=1e-5, rtol=1e-5)
+        assert item["caption"] == ref["caption"]
+        assert torch.equal(item["label"], ref["label"])
+        assert torch.equal(item["segmentation"], ref["segmentation"])
+        torch.testing.assert_close(item["boxes"], ref["boxes"])
+
+
+def test_posterior_samples_are_reproducible_per_epoch_and_fresh_across_epochs(kl_cache):
+    fs, root, _ = kl_cache
+    ds = LatentCacheDataset(root, posterior="sample", seed=3)
+    raw = ds.raw(5)
+    a, b = ds[5]["latent"], ds[5]["latent"]
+    assert torch.equal(a, b)
+    ds.set_epoch(1)
+    c = ds[5]["latent"]
+    assert not torch.equal(a, c)
+    # Each draw is mean + std·ε with standard normal ε.
+    eps = torch.stack([(s - raw["mean"]) / torch.exp(0.5 * raw["logvar"]) for s in (a, c)])
+    assert 0.5 < eps.std() < 1.5 and eps.abs().mean() < 1.5
+    assert not torch.equal(LatentCacheDataset(root, seed=4)[5]["latent"], a)
+
+
+def test_batches_through_a_dataloader(kl_cache):
+    _, root, _ = kl_cache
+    ds = LatentCacheDataset(root, fields=["label", "caption"])
+    batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    assert batch["latent"].shape == (4, 3, 8, 8) and batch["latent"].dtype == torch.float32
+    assert batch["label"].shape == (4,) and len(batch["caption"]) == 4
+    assert set(batch) == {"latent", "label", "caption"}
+    with pytest.raises(LatentCacheError, match="not in the cache"):
+        LatentCacheDataset(root, fields=["depth"])
+
+
+def test_reuse_only_when_the_first_stage_is_the_same(tmp_path, data, monkeypatch):
+    fs = first_stage()
+    build_latent_cache(fs, data, tmp_path, chunk_size=8)
+    import ldm_fast.data.latent_cache as lc
+
+    calls = {"n": 0}
+    real = lc._encode
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lc, "_encode", counting)
+    build_latent_cache(fs, data, tmp_path, chunk_size=8)
+    assert calls["n"] == 0                       # same weights, same data size: reused
+    other = first_stage(seed=1)
+    assert first_stage_fingerprint(other) != first_stage_fingerprint(fs)
+    manifest = build_latent_cache(other, data, tmp_path, chunk_size=8)
+    assert calls["n"] > 0                        # retrained first stage: rebuilt
+    assert manifest["first_stage"]["fingerprint"] == first_stage_fingerprint(other)
+    assert len(list(tmp_path.glob("chunk_*.safetensors"))) == 2
+
+
+def test_incomplete_cache_is_rebuilt_and_missing_chunks_are_reported(tmp_path, data):
+    fs = first_stage()
+    build_latent_cache(fs, data, tmp_path, chunk_size=4)
+    (tmp_path / "manifest.json").unlink()       # as if interrupted before the manifest
+    with pytest.raises(LatentCacheError, match="no manifest.json"):
+        LatentCacheDataset(tmp_path)
+    build_latent_cache(fs, data, tmp_path, chunk_size=4)
+    assert len(LatentCacheDataset(tmp_path)) == 10
+    (tmp_path / "chunk_00001.safetensors").unlink()
+    with pytest.raises(LatentCacheError, match="chunk_00001"):
+        LatentCacheDataset(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["vq", "identity"])
+def test_deterministic_first_stages_store_latents(tmp_path, data, kind):
+    fs = first_stage(kind)
+    manifest = build_latent_cache(fs, data, tmp_path, store=None, storage_dtype=torch.float16)
+    assert manifest["store"] == "latent"
+    ds = LatentCacheDataset(tmp_path, posterior="sample")
+    x = data[2]["image"][None]
+    with torch.no_grad():
+        ref = fs.encode_latent(x, sample=False)[0]
+    # fp16 storage: one rounding step (batched vs single-image encoding may round differently).
+    torch.testing.assert_close(ds[2]["latent"], ref, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="KL first stage"):
+        build_latent_cache(fs, data, tmp_path / "x", store="moments")
+
+
+def test_latent_std_matches_the_scale_by_std_measurement(kl_cache):
+    _, root, _ = kl_cache
+    ds = LatentCacheDataset(root, scale_factor=3.0)
+    std = ds.latent_std()
+    z = torch.stack([ds[i]["latent"] for i in range(len(ds))]) / 3.0
+    assert abs(std - float(z.flatten().std())) < 1e-5
+    assert ds.scale_factor == 3.0
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["source"]["len"] == 10
