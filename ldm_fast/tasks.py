@@ -169,6 +169,25 @@ def dataset_captions(dataset: Dataset, limit: int = 2000) -> list[str]:
 # ----------------------------------------------------------------------------- conditioner parts
 # A part turns one kind of condition into cond-dict entries; the Conditioner merges parts.
 
+def _image_size(batch: dict, factor: int) -> tuple[int, int] | None:
+    """The target image size of a batch: from 'image', or from 'latent' (a latent-cache batch)."""
+    if "image" in batch:
+        return tuple(batch["image"].shape[-2:])
+    if "latent" in batch:
+        return tuple(s * factor for s in batch["latent"].shape[-2:])
+    return None
+
+
+def _batch_size(batch: dict) -> int:
+    for key in ("image", "latent"):
+        if key in batch:
+            return len(batch[key])
+    for value in batch.values():
+        if torch.is_tensor(value) or isinstance(value, (list, tuple)):
+            return len(value)
+    raise ValueError("empty batch")
+
+
 def _need(batch: dict, key: str, task: str):
     if key not in batch:
         hint = " (wrap the dataset with tasks.task_dataset)" if key in ("lr", "mask", "masked_image") else ""
@@ -249,7 +268,7 @@ class _SemanticPart:
         self.encoder = self.module = encoder
 
     def from_batch(self, batch, drop, task):
-        size = _need(batch, "image", task).shape[-2:]
+        size = _image_size(batch, self.encoder.factor)
         return {"concat": self.encoder(_need(batch, "segmentation", task), image_size=size)}
 
     def from_inputs(self, inputs):
@@ -263,7 +282,7 @@ class _SRPart:
         self.sr_factor, self.factor, self.device = sr_factor, factor, device
 
     def from_batch(self, batch, drop, task):
-        size = _need(batch, "image", task).shape[-2:]
+        size = _image_size(batch, self.factor)
         return {"concat": sr_concat(_need(batch, "lr", task), self.sr_factor, self.factor, size).to(self.device)}
 
     def from_inputs(self, inputs):
@@ -277,10 +296,12 @@ class _InpaintPart:
         self.concat = self.module = concat
 
     def from_batch(self, batch, drop, task):
-        image = _need(batch, "image", task)
+        masked = _need(batch, "masked_image", task)
         if torch.isnan(self.concat.latent_scale):
-            self.concat.calibrate(image)  # first training batch, like the diffusion latents' scale
-        return {"concat": self.concat(_need(batch, "masked_image", task), _need(batch, "mask", task))}
+            # First training batch, like the diffusion latents' scale (on the masked images
+            # when a latent-cache batch carries no full images).
+            self.concat.calibrate(batch.get("image", masked))
+        return {"concat": self.concat(masked, _need(batch, "mask", task))}
 
     def from_inputs(self, inputs):
         from ldm_fast.data.masks import apply_mask
@@ -308,7 +329,7 @@ class Conditioner:
     def __call__(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         if not self.parts:
             return {}
-        batch_size = len(_need(batch, "image", self.task))
+        batch_size = _batch_size(batch)
         drop = drop_mask(batch_size, self.label_dropout if self.supports_guidance else 0.0,
                          generator, self.device)
         cond = {}

@@ -294,3 +294,15 @@ def test_text_task_with_a_frozen_pretrained_encoder(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(model(torch.zeros(2, 3, 4, 4), torch.full((2,), 9.0), c),
                                   model(torch.zeros(2, 3, 4, 4), torch.full((2,), 9.0), u))
+
+
+def test_latent_cache_batches_without_images():
+    """A latent-cache batch carries 'latent' and the annotations, not the pixels."""
+    semantic = build_conditioner(micro("semantic"))
+    seg = torch.randint(0, 31, (2, RES, RES))
+    assert semantic({"latent": torch.zeros(2, 3, 4, 4), "segmentation": seg})["concat"].shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="does not match the image size"):
+        semantic({"latent": torch.zeros(2, 3, 8, 8), "segmentation": seg})
+    cls = build_conditioner(micro("class", "adm"))
+    out = cls({"latent": torch.zeros(3, 3, 4, 4), "label": torch.tensor([1, 2, 3])}, torch.Generator())
+    assert out["class_labels"].shape == (3,)
