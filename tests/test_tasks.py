@@ -14,6 +14,7 @@ from ldm_fast.model import LatentDiffusion
 from ldm_fast.run import RunDir, load_model
 from ldm_fast.tasks import (
     MODES,
+    SRImageGuidance,
     TASKS,
     build_conditioner,
     dataset_captions,
@@ -306,3 +307,32 @@ def test_latent_cache_batches_without_images():
     cls = build_conditioner(micro("class", "adm"))
     out = cls({"latent": torch.zeros(3, 3, 4, 4), "label": torch.tensor([1, 2, 3])}, torch.Generator())
     assert out["class_labels"].shape == (3,)
+
+
+class _ZeroData(LatentDiffusion):
+    """A model of data that is all zeros: ε = x_t / √(1 − ᾱ_t), so x̂0 = 0 at every step."""
+
+    def forward(self, x, t, cond=None):
+        a = self.schedule.gather(self.schedule.alphas_cumprod, t.long(), x)
+        return x / (1 - a).sqrt()
+
+
+def test_sr_image_guidance_pulls_samples_toward_the_low_res_input():
+    cfg = micro("sr")
+    cfg.autoencoder.kind, cfg.diffusion.scale_by_std = "identity", False  # f = 1: D is the identity
+    model = _ZeroData(cfg).eval()
+    cond = build_conditioner(cfg, model)
+    lr = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 1.6 - 0.8
+    c, _ = cond.encode_inputs(lr=lr)  # on the 16×16 pixel grid (f = 1, ×4)
+    kw = dict(steps=10, seed=0, cond=c, latent_size=cond.latent_size(c))
+
+    def lr_error(images):
+        down = torch.nn.functional.interpolate(images, size=(4, 4), mode="bicubic", antialias=True,
+                                               align_corners=False)
+        return float((down - lr).pow(2).mean())
+
+    plain = generate(model, 2, **kw)
+    assert plain.abs().max() < 1e-4  # the model alone ignores y
+    guided = generate(SRImageGuidance(model, lr, scale=1.0), 2, **kw)
+    assert lr_error(guided) < 0.25 * lr_error(plain)
+    assert torch.equal(generate(SRImageGuidance(model, lr, scale=0.0), 2, **kw), plain)
