@@ -6,12 +6,14 @@ API for the CLIs (exact signatures):
     MODES[task] -> allowed conditioning.mode values, the first the default
 
     tiny_task_config(task: str, mode: str | None = None) -> Config
+    TASK_PRESETS = {"tiny-<task>": () -> Config}                   for a --preset lookup
     task_dataset(cfg: Config, dataset, seed: int | None = None) -> Dataset
         sr: adds 'lr' (SuperResolutionPairs); inpaint: adds 'mask', 'masked_image'; else as is
     dataset_captions(dataset, limit: int = 2000) -> list[str]       captions to train a tokenizer on
-    build_conditioner(cfg, model, train_captions=None, *, run_dir=None, device=None,
+    build_conditioner(cfg, model=None, train_captions=None, *, run_dir=None, device=None,
                       strict: bool = False) -> Conditioner
         model: a LatentDiffusion or the first stage alone (training builds it before train_ldm);
+        needed by inpainting (encodes the masked image) and to pick the device; else optional.
         run_dir: the tokenizer is loaded from RUN_DIR/tokenizer.json if there (resume), else
         loaded from conditioning.tokenizer or trained on train_captions, then saved there.
     load_conditioner(run_dir, model: LatentDiffusion, cond_state: dict, device=None) -> Conditioner
@@ -31,6 +33,9 @@ API for the CLIs (exact signatures):
                                                              that pulls samples toward the LR input
     evaluate_task(model, conditioner, heldout, n=64, *, guidance=3.0, sampler="ddim", steps=50,
                   seed=0, batch_size=64, net=None, photos=False) -> dict
+        heldout: the plain procedural held-out set; returns flat {name: number} plus task/mode/n
+    box_crops(images, boxes, labels, context=0.5) -> (crops, classes)   layout metric's crops
+    real_photos(resolution) -> (N, 3, r, r) or None                   scikit-image photographs
 
 Training (the CLI's order):
     cfg = tiny_task_config("text"); train, held = procedural_split(...)
@@ -771,7 +776,7 @@ def _metric_sr(ctx) -> dict:
     if ctx.photos:
         photos = real_photos(hr.shape[-1])
         if photos is None:
-            res["photos"] = "scikit-image not installed"
+            res["photo_count"] = 0  # scikit-image is not installed
         else:
             sr_p, bic_p = run(photos, ctx.seed + 1)
             res.update(_sr_scores(photos, sr_p, bic_p, prefix="photo_"))
