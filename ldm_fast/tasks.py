@@ -163,6 +163,11 @@ def task_dataset(cfg: Config, dataset: Dataset, seed: int | None = None) -> Data
 
 def dataset_captions(dataset: Dataset, limit: int = 2000) -> list[str]:
     """Captions of the first `limit` items (enough to cover the procedural vocabulary)."""
+    from ldm_fast.data.degradations import SuperResolutionPairs
+    from ldm_fast.data.masks import InpaintingPairs
+
+    if isinstance(dataset, (SuperResolutionPairs, InpaintingPairs)):
+        dataset = dataset.dataset  # the captions are the wrapped items'; skip degrading/masking
     out = []
     for i in range(min(limit, len(dataset))):
         item = dataset[i]
