@@ -53,7 +53,8 @@ RULES: tuple[Rule, ...] = (
     Rule("cond.mapping.weight", "cond_stage_model.channel_mapper.weight", "semantic channel mapper", exact=True),
     Rule("unet.", "model.diffusion_model.", "UNet"),
     Rule("first_stage.", "first_stage_model.", "first stage"),
-    Rule("text_encoder.", "cond_stage_model.transformer.", "text encoder (SD v1 CLIP: pass --clip DIR; LDM's BERT has no counterpart)"),
+    Rule("text_encoder.", "cond_stage_model.transformer.",
+         "text encoder (SD v1 CLIP: pass --clip DIR; LDM's BERT has no counterpart)"),
     Rule("cond.", "cond_stage_model.", "conditioning encoder"),
 )
 EMA_RULE = Rule("unet.", "model_ema.diffusion_model", "UNet (EMA)", flatten=True)
