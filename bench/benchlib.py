@@ -104,11 +104,24 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_threads() -> None:
-    """At most two intra-op threads on CPU unless OMP_NUM_THREADS says otherwise: the
-    development machines share two cores, and more threads than cores make timings swing."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+def add_threads_arg(ap) -> None:
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU intra-op threads (default 1, or $OMP_NUM_THREADS if set)")
+
+
+def set_threads(threads: int | None = None) -> int:
+    """CPU intra-op threads for the run: `threads`, else $OMP_NUM_THREADS, else 1.
+
+    One by default because the development machines share two cores between several jobs:
+    there, two OpenMP threads spin-wait on each other whenever one is descheduled, and a
+    tiny-model UNet call measured 67 ms with one thread but 3.1 s with two (same minute,
+    interleaved). One thread is slower on an idle machine, but its ratios are reproducible.
+    The count is recorded with every result (machine.torch_threads)."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        threads = int(env) if env and env.isdigit() else 1
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------- timing

@@ -105,8 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 training steps, 8 samples, a seconds-trained "
                     "feature network: proves the script runs; the numbers mean nothing")
     ap.add_argument("--out", default=None, help="JSON path (PNG next to it)")
+    bl.add_threads_arg(ap)
     args = ap.parse_args(argv)
-    bl.default_threads()
+    bl.set_threads(args.threads)
     ops.set_backend("eager")
     if args.quick:
         args.ae_steps = args.ldm_steps = 2

@@ -211,14 +211,6 @@ def _graphed(fn, example_args: list[torch.Tensor]):
     return run
 
 
-def _export_runtime():
-    try:
-        from ldm_fast.export import runtime
-    except ImportError as e:
-        raise Skip(f"ldm_fast.export.runtime is not available ({e})") from None
-    return runtime
-
-
 def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: Size,
                 device: torch.device, batch: int, cache: dict, compile_mode: str) -> Runner:
     """Build the backend for this batch; raises Skip with the reason if it cannot run here."""
@@ -226,6 +218,14 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
     if backend in ("triton", "triton-cudagraph") and not cuda:
         raise Skip("Triton kernels need CUDA; on CPU they run only under TRITON_INTERPRET=1, "
                    "which executes them in numpy (speed meaningless)")
+    if backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise Skip("tensorrt is not installed (its wheels are not reachable from this "
+                       "environment)") from None
+        if not cuda:
+            raise Skip("TensorRT needs CUDA")
     if dtype == torch.float16 and not cuda:
         raise Skip("fp16 on CPU: no fast path on common CPUs; bf16 is the CPU low-precision type")
     if backend == "eager":
@@ -271,31 +271,114 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
                       ["UNet call and decoder captured per batch size; sampler updates launched "
                        "outside the graph"])
     if backend in ("onnxruntime", "tensorrt"):
-        runtime = _export_runtime()
-        return _exported_runner(runtime, backend, dtype, base, size, device, batch, cache)
+        return _exported_runner(backend, dtype, base, size, device, batch, cache)
     raise SystemExit(f"--backends: unknown backend {backend!r} ({', '.join(BACKENDS)})")
 
 
-def _exported_runner(runtime, backend, dtype, base, size, device, batch, cache) -> Runner:
-    """ONNX Runtime / TensorRT through ldm_fast.export.runtime (built by the export module)."""
-    if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise Skip("tensorrt is not installed (its wheels are not reachable from this "
-                       "environment)") from None
-        if device.type != "cuda":
-            raise Skip("TensorRT needs CUDA")
-    builder = getattr(runtime, "benchmark_runner", None)
-    if builder is None:
-        raise Skip("ldm_fast.export.runtime has no benchmark_runner() entry point yet")
+# ----------------------------------------------------------------------------- exported graphs
+
+def onnx_cache_dir() -> Path:
+    from ldm_fast.metrics.features import default_cache_dir
+    return default_cache_dir() / "bench_onnx"
+
+
+def _export_graphs(base: LatentDiffusion, precision: str, cache: dict) -> tuple[Path, dict, float, bool]:
+    """UNet + decoder graphs of this model (ldm_fast.export.onnx_export), exported once and
+    kept on disk keyed by the weights, the precision and the exporter's source: the dynamo
+    export takes minutes on a small CPU, and re-exporting identical weights measures nothing."""
+    import hashlib
+    import inspect
+    import json
+
+    from ldm_fast.data.latent_cache import first_stage_fingerprint
+    from ldm_fast.export import onnx_export as E
+
+    key = ("export", precision)
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha1(first_stage_fingerprint(base).encode())
+    h.update(inspect.getsource(E).encode())
+    h.update(f"{precision}:{E.DEFAULT_OPSET}:{torch.__version__}".encode())
+    folder = onnx_cache_dir() / f"{base.cfg.name}-{precision}-{h.hexdigest()[:16]}"
+    record = folder / "graphs.json"
+    if record.is_file():
+        cache[key] = (folder, json.loads(record.read_text()), 0.0, True)
+        return cache[key]
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    graphs = E.export_all(base, None, folder, precision, graphs=["unet", "decoder"])
+    seconds = time.perf_counter() - t0
+    record.write_text(json.dumps(graphs))     # last: its presence means the export completed
+    cache[key] = (folder, graphs, seconds, False)
+    return cache[key]
+
+
+def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner:
+    """ONNX Runtime or TensorRT on the exported graphs, through ldm_fast.export.runtime's
+    Denoiser / Decoder (the samplers' model interface over a graph)."""
+    precision = next(k for k, v in DTYPES.items() if v == dtype)
     try:
-        unet, decode, notes = builder(backend, base, dtype=dtype, device=device,
-                                      batch=batch * size.cfg_factor, decode_batch=batch,
-                                      context=size.context, cache=cache)
-    except (ImportError, RuntimeError, NotImplementedError) as e:
-        raise Skip(f"{backend}: {e}") from None
-    return Runner(backend, dtype, "eager", unet, decode, list(notes))
+        from ldm_fast.export import onnx_export as E
+        from ldm_fast.export import runtime as R
+    except ImportError as e:
+        raise Skip(f"ldm_fast.export is not importable ({e})") from None
+    cuda = device.type == "cuda"
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise Skip("onnxruntime is not installed") from None
+        if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise Skip("onnxruntime has no CUDAExecutionProvider here (onnxruntime-gpu not installed); "
+                       f"available: {ort.get_available_providers()}")
+        if not cuda and dtype == torch.bfloat16:
+            raise Skip("onnxruntime's CPU provider has no bf16 Conv kernel")
+        providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    try:
+        folder, graphs, export_s, reused = _export_graphs(base, precision, cache)
+    except Exception as e:  # noqa: BLE001 - an export failure is this backend's, not the run's
+        raise Skip(f"ONNX export failed: {type(e).__name__}: {e}") from None
+    notes = [f"graphs {'reused from' if reused else 'exported to'} {folder}"
+             + ("" if reused else f" in {export_s:.0f} s (not in the first-call time)")]
+    if backend == "onnxruntime":
+        key = ("ort", precision)
+        if key not in cache:
+            def graph(name):
+                rec = graphs[name]
+                return R.OrtGraph(folder / rec["file"], E.GraphSpec.from_json(rec["spec"]), providers,
+                                  torch.get_num_threads() if not cuda else None)
+            cache[key] = (R.Denoiser(graph("unet")), R.Decoder(graph("decoder")))
+        unet, decode = cache[key]
+        if cuda:
+            notes.append("inputs and outputs cross host memory each call (no I/O binding)")
+        return Runner(backend, dtype, "eager", unet, _as_dtype(decode, dtype), notes)
+    # TensorRT: one engine per graph with a static profile at this batch (the fastest case).
+    from ldm_fast.export import tensorrt_build as T
+    from ldm_fast.export.trt_runtime import TrtGraph
+
+    key = ("trt", precision, batch)
+    if key not in cache:
+        h, w = size.latent[1:]
+        engines = {}
+        for name, b in (("unet", batch * size.cfg_factor), ("decoder", batch)):
+            spec = E.GraphSpec.from_json(graphs[name]["spec"])
+            tokens = size.context[0] if size.context else 1
+            profile = T.profile_shapes(spec, (b, b, b), (h, h, h), (w, w, w),
+                                       max(1, base.cfg.autoencoder.factor), (tokens,) * 3)
+            engine = folder / "engines" / f"{name}-b{b}.plan"
+            if not engine.is_file():
+                T.build_engine(folder / graphs[name]["file"], engine, spec, profile,
+                               timing_cache=folder / "engines" / "timing.cache")
+            engines[name] = R.TorchCastGraph(TrtGraph(engine))
+        cache[key] = (R.Denoiser(engines["unet"]), R.Decoder(engines["decoder"]))
+    unet, decode = cache[key]
+    notes.append("strongly typed engines, static profile per batch, CUDA graphs in the runtime")
+    return Runner(backend, dtype, "eager", unet, _as_dtype(decode, dtype), notes)
+
+
+def _as_dtype(fn, dtype):
+    """The graph runtimes return float32 images; the other backends return the model dtype."""
+    return lambda z: fn(z).to(dtype)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -443,8 +526,9 @@ def main(argv=None) -> int:
                     "(batch 2, 3 steps, 2 repetitions): proves the script works, numbers are noise")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/throughput-<machine>.json); "
                     "a Markdown table is written next to it")
+    bl.add_threads_arg(ap)
     args = ap.parse_args(argv)
-    bl.default_threads()
+    bl.set_threads(args.threads)
     device = bl.pick_device(args.device)
     dev = "cuda" if device.type == "cuda" else "cpu"
     if args.quick:

@@ -177,8 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true", help="batch 4, 2 steps, 1 warm-up, 32-image cache")
     ap.add_argument("--out", default=None)
+    bl.add_threads_arg(ap)
     args = ap.parse_args(argv)
-    bl.default_threads()
+    bl.set_threads(args.threads)
     device = bl.pick_device(args.device)
     if args.quick:
         args.batch, args.steps, args.warmup, args.cache_items = args.batch or 4, 2, 1, 32
