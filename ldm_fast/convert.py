@@ -324,19 +324,12 @@ def build_cond_module(cfg: Config, first_stage):
     return None
 
 
-def _fills(cfg: Config) -> dict[str, tuple[torch.Tensor, str]]:
-    """Our tensors that the original has no counterpart for, with the value they get and why."""
-    fills = {
-        "scale_factor": (torch.tensor(float(cfg.diffusion.scale_factor)),
-                         "latent scale from the config (the original keeps it as a plain attribute)"),
-        "first_stage.logvar": (torch.tensor(0.0), "KL loss log-variance: lives in the original's loss, "
-                               "which LDM checkpoints leave out; unused at inference"),
-        # The original SpatialRescaler's channel mapper has no bias.
-        "cond.mapping.bias": (None, "semantic channel mapper: the original's 1x1 conv has no bias → 0"),
-        "cond.latent_scale": (torch.tensor(float(cfg.diffusion.scale_factor)),
-                              "inpainting: the masked image is encoded with the latent scale"),
-    }
-    return fills
+def _fills(cfg: Config) -> dict[str, tuple[torch.Tensor | None, str]]:
+    """Values for our tensors without an original counterpart (reasons: rules.FILLS); None = zeros."""
+    scale = float(cfg.diffusion.scale_factor)
+    values = {"scale_factor": torch.tensor(scale), "first_stage.logvar": torch.tensor(0.0), "cond.mapping.bias": None,
+              "cond.latent_scale": torch.tensor(scale)}  # separate tensors: safetensors refuses shared ones
+    return {k: (values[k], reason) for k, reason in rules.FILLS.items()}
 
 
 # ----------------------------------------------------------------------------- mapping

@@ -26,6 +26,7 @@ and `cond.*` in ldm.safetensors, `first_stage.*` (prefix dropped) in autoencoder
     scale_factor           scale_factor                          a buffer only when scale_by_std
     —                      betas, alphas_cumprod, … (SCHEDULE)   checked against our schedule, not stored
     —                      IGNORED (below)                       bookkeeping with no inference meaning
+    FILLS (below)          —                                     ours without an original tensor
 
 The table is ordered most specific first; the first matching rule wins in both directions.
 The EMA rule cannot be inverted by string surgery (the dots are gone), so `to_ours` inverts it
@@ -74,6 +75,15 @@ IGNORED = {
     "logvar": "per-timestep learned loss log-variance (training only)",
     # transformers' CLIPTextModel stores its position ids as a buffer; they are arange(77).
     "cond_stage_model.transformer.text_model.embeddings.position_ids": "CLIP position ids (arange)",
+}
+
+
+# Our tensors that have no original counterpart (or none in LDM checkpoints): what fills them.
+FILLS = {
+    "scale_factor": "the config's scale_factor (the original keeps it as a plain attribute unless scale_by_std)",
+    "first_stage.logvar": "0: the KL loss's log-variance; LDM checkpoints leave the loss out; unused at inference",
+    "cond.mapping.bias": "0: the original SpatialRescaler's 1x1 channel mapper has no bias",
+    "cond.latent_scale": "the latent scale: inpainting encodes the masked image as it encodes latents",
 }
 
 
