@@ -189,9 +189,10 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -248,14 +249,14 @@ class AutoencoderKL(nn.Module):
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
 
-    def encode_latent(self, x, sample: bool = True, generator=None):
+    def encode_latent(self, x, sample: bool = True, generator=None, noise=None):
         """The stage-2 latent: a posterior sample (training) or its mean."""
         posterior = self.encode(x)
-        return posterior.sample(generator) if sample else posterior.mode()
+        return posterior.sample(generator, noise) if sample else posterior.mode()
 
-    def forward(self, x, sample: bool = True):
+    def forward(self, x, sample: bool = True, noise=None):
         posterior = self.encode(x)
-        z = posterior.sample() if sample else posterior.mode()
+        z = posterior.sample(noise=noise) if sample else posterior.mode()
         return self.decode(z), posterior.kl().mean() * self.cfg.kl_weight, {"kl": posterior.kl().mean().detach()}
 
 
@@ -279,10 +280,10 @@ class VQModel(nn.Module):
         zq, _, _, _ = self.quantize(h)
         return self.decoder(self.post_quant_conv(zq))
 
-    def encode_latent(self, x, sample: bool = True, generator=None):
+    def encode_latent(self, x, sample: bool = True, generator=None, noise=None):
         return self.encode(x)
 
-    def forward(self, x, sample: bool = True):
+    def forward(self, x, sample: bool = True, noise=None):
         zq, qloss, _, stats = self.quantize(self.encode(x))
         return self.decoder(self.post_quant_conv(zq)), qloss, stats
 
@@ -296,13 +297,13 @@ class IdentityFirstStage(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def encode_latent(self, x, sample: bool = True, generator=None):
+    def encode_latent(self, x, sample: bool = True, generator=None, noise=None):
         return x
 
     def decode(self, z):
         return z
 
-    def forward(self, x, sample: bool = True):
+    def forward(self, x, sample: bool = True, noise=None):
         return x, x.new_zeros(()), {}
 
 

@@ -111,15 +111,18 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100000                   # optimisation steps
-    batch_size: int = 16                  # images per step
-    lr: float = 1e-4                      # peak learning rate
+    batch_size: int = 16                  # images per step and rank (global batch = batch_size × ranks × grad_accum)
+    grad_accum: int = 1                   # micro-batches accumulated per optimisation step
+    lr: float = 1e-4                      # peak learning rate (per global batch when scale_lr is off)
+    scale_lr: bool = False                # lr × ranks × grad_accum (the original code's rule: base lr per batch_size images)
+    strategy: str = "ddp"                 # multi-process wrapping: "ddp" (DistributedDataParallel) or "fsdp" (CUDA only)
+    cached_latents: str = ""              # LDM: folder of first-stage latents encoded once (made on first use); "" = encode every step
     weight_decay: float = 0.0             # AdamW weight decay
     warmup_steps: int = 0                 # linear warm-up
     grad_clip: float = 1.0                # max gradient norm (0 = off)
     ema_decay: float = 0.9999             # EMA decay (LDM stage; 0 = off)
     log_every: int = 50                   # steps between metric log lines
     ckpt_every: int = 1000                # steps between checkpoints
-    sample_every: int = 0                 # steps between sample/reconstruction grids (0 = at the end only)
     keep_last: int = 3                    # checkpoints kept
     max_nonfinite: int = 10               # consecutive non-finite losses before the run stops
 
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> Config:
         _require(0 <= tc.ema_decay < 1, f"{name}.ema_decay", "must be in [0, 1)")
         _require(tc.ckpt_every > 0, f"{name}.ckpt_every", "must be positive")
         _require(tc.keep_last > 0, f"{name}.keep_last", "must be positive")
+        _require(tc.grad_accum > 0, f"{name}.grad_accum", "must be positive")
+        _require(tc.strategy in ("ddp", "fsdp"), f"{name}.strategy", f"expected ddp|fsdp, got {tc.strategy!r}")
     return cfg
 
 

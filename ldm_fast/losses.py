@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ldm_fast import distributed
 from ldm_fast.config import AutoencoderConfig
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,31 @@ def build_perceptual(cfg: AutoencoderConfig) -> nn.Module | None:
 
 # ----------------------------------------------------------------------------- discriminator
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of all ranks, so N ranks ×
+    batch B normalise exactly like one rank × batch N·B. torch's SyncBatchNorm does this on CUDA
+    only; this version reduces with differentiable all-reduces and so also runs on gloo/CPU.
+    In a world of one (or in eval mode) it is plain BatchNorm2d."""
+
+    def forward(self, x):
+        ctx = distributed.current()
+        if not (self.training and ctx.enabled):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        n = x.numel() // x.shape[1] * ctx.world_size
+        total = all_reduce(torch.stack([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3))]))
+        mean = total[0] / n
+        var = total[1] / n - mean.pow(2)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+        shape = (1, -1, 1, 1)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN: 4×4 convs, widths 64→128→256→512→1, BatchNorm, LeakyReLU(0.2), N(0, 0.02) init.
     Each output logit judges one receptive-field patch."""
@@ -113,7 +139,7 @@ class PatchDiscriminator(nn.Module):
             prev, mult = mult, min(2 ** n, 8)
             stride = 2 if n < n_layers else 1
             layers += [nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
-                       nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
+                       GlobalBatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():
@@ -133,8 +159,9 @@ def hinge_d_loss(logits_real, logits_fake):
 
 def adaptive_weight(nll_loss, g_loss, last_layer, disc_weight):
     """Balance the GAN gradient against the reconstruction gradient at the last decoder layer."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    # Averaged over ranks: the weight then equals the one the global batch would give.
+    nll_grad = distributed.all_reduce_mean(torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0])
+    g_grad = distributed.all_reduce_mean(torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0])
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, 1e4).detach() * disc_weight
 

@@ -48,9 +48,9 @@ class LatentDiffusion(nn.Module):
         return self.cfg.autoencoder.factor
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = True, generator=None) -> torch.Tensor:
-        """Images in [-1, 1] → scaled latents."""
-        return self.first_stage.encode_latent(images, sample=sample, generator=generator) * self.scale_factor
+    def encode(self, images: torch.Tensor, sample: bool = True, generator=None, noise=None) -> torch.Tensor:
+        """Images in [-1, 1] → scaled latents (KL: a posterior sample unless sample=False)."""
+        return self.first_stage.encode_latent(images, sample=sample, generator=generator, noise=noise) * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

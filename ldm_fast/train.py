@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_fast import ops
+from ldm_fast import distributed, ops
 from ldm_fast.checkpoint import list_checkpoints
 from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
 from ldm_fast.data.build import build_datasets
@@ -80,27 +80,41 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     ops.set_backend(None if cfg.kernels == "auto" else cfg.kernels)
+    ctx = distributed.init_from_env(args.device)
+    device = distributed.device_for(args.device, ctx)
+    try:
+        return _train(cfg, run, stages, args, device, ctx)
+    finally:
+        distributed.cleanup()
 
-    from ldm_fast.training import save_config, train_autoencoder, train_ldm
 
-    save_config(cfg, run)
+def _train(cfg, run, stages, args, device, ctx) -> int:
+    from ldm_fast.training import Preempted, TrainingDiverged, save_config, train_autoencoder, train_ldm
+
+    if ctx.is_main:
+        save_config(cfg, run)
+        print(f"run directory: {run.path.resolve()}" + (f" ({ctx.world_size} ranks)" if ctx.enabled else ""))
     train_set, heldout = build_datasets(cfg.data)
-    print(f"run directory: {run.path.resolve()}")
-    if "autoencoder" in stages:
-        first_stage = train_autoencoder(cfg, run, train_set, heldout, args.device, args.resume,
-                                        progress=not args.no_progress)
-        print(f"autoencoder: {run.path / 'autoencoder.safetensors'}, reconstructions: {run.path / 'reconstructions.png'}")
-    else:
-        first_stage = load_first_stage(run.path, args.device, cfg)
-    if "ldm" in stages:
+    progress = not args.no_progress
+    try:
+        if "autoencoder" in stages:
+            first_stage = train_autoencoder(cfg, run, train_set, heldout, device, args.resume, progress)
+            if ctx.is_main:
+                print(f"autoencoder: {run.path / 'autoencoder.safetensors'}, "
+                      f"reconstructions: {run.path / 'reconstructions.png'}")
+        else:
+            first_stage = load_first_stage(run.path, device, cfg)
+        if "ldm" in stages:
+            train_ldm(cfg, run, first_stage, train_set, device, args.resume, progress)
+    except (TrainingDiverged, Preempted) as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 3
+    if "ldm" in stages and ctx.is_main:
         from ldm_fast.generate import generate
         from ldm_fast.images import save_grid
-
-        model, _ = train_ldm(cfg, run, first_stage, train_set, args.device, args.resume,
-                             progress=not args.no_progress)
         from ldm_fast.run import load_model
 
-        model, _ = load_model(run.path, args.device)  # the EMA weights, as sampling sees them
+        model, _ = load_model(run.path, device)  # the EMA weights, as sampling sees them
         images = generate(model, n=16, sampler="ddim", steps=50, seed=cfg.seed)
         grid = save_grid(images, run.path / "samples.png", upscale=4 if images.shape[-1] <= 64 else 1)
         print(f"samples: {grid.resolve()}")

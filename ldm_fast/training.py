@@ -1,25 +1,32 @@
 """The two training stages as plain functions: `train_autoencoder` then `train_ldm`.
 
-Both share the same skeleton (`_Loop`): deterministic, resumable batch order; a non-finite loss
-skips the step and is counted, too many in a row stop the run with the last good checkpoint
-intact; checkpoints carry model, optimizer, EMA, step and RNG state, so `resume=True` continues
-exactly; metrics go to `metrics.jsonl` and a tqdm bar.
+Both share the same skeleton (`_Loop`):
+- deterministic, resumable batch order, sliced per rank (ldm_fast.distributed), and every random
+  number drawn for the global batch from one seeded generator, so N ranks match one rank with
+  N times the batch and a resumed run matches an unbroken one;
+- a non-finite loss (on any rank) skips the step and is counted; too many in a row stop the run
+  with the last good checkpoint intact;
+- checkpoints carry model, optimizer, EMA, step and RNG state, written by rank 0 only, also on
+  SIGTERM (preemption) before the process exits;
+- metrics go to `metrics.jsonl` and a tqdm bar (rank 0).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import signal
 import time
 import warnings
 from contextlib import nullcontext
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ldm_fast import checkpoint as ckpt
+from ldm_fast import distributed
 from ldm_fast.autoencoder import build_first_stage
 from ldm_fast.config import Config, TrainConfig, save_yaml, to_dict
 from ldm_fast.diffusion import diffusion_loss
@@ -35,30 +42,46 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and the run stopped."""
+
+
 # ----------------------------------------------------------------------------- data order
 
 class ResumableSampler(Sampler):
-    """Shuffled indices, epoch e permuted by seed + e, starting at a given sample position:
-    resuming at step s with batch B continues with exactly the batches an unbroken run sees."""
+    """Shuffled indices, epoch e permuted by seed + e, starting at a global sample position.
+    With several ranks every global batch of `batch_size × world_size` indices is cut in
+    contiguous per-rank slices, so the union over ranks is exactly what one rank with the whole
+    global batch would read. Resuming at step s continues with the batches an unbroken run sees."""
 
-    def __init__(self, size: int, seed: int, start: int = 0):
+    def __init__(self, size: int, seed: int, start: int = 0, batch_size: int = 1,
+                 ctx: distributed.DistContext = distributed.DistContext()):
         self.size, self.seed, self.start = size, seed, start
+        self.batch_size, self.ctx = batch_size, ctx
 
-    def __iter__(self):
+    def _global_stream(self):
         position = self.start
         while True:
             epoch, offset = divmod(position, self.size)
             perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            for i in perm[offset:].tolist():
-                yield i
+            yield from perm[offset:].tolist()
             position = (epoch + 1) * self.size
 
-    def __len__(self):  # infinite stream; DataLoader only needs a number
+    def __iter__(self):
+        stream, global_batch = self._global_stream(), self.batch_size * self.ctx.world_size
+        lo = self.ctx.rank * self.batch_size
+        while True:
+            batch = [next(stream) for _ in range(global_batch)]
+            yield from batch[lo:lo + self.batch_size]
+
+    def __len__(self):  # an endless stream; DataLoader only needs a number
         return 2 ** 62
 
 
-def make_loader(dataset: Dataset, tc: TrainConfig, seed: int, step: int, num_workers: int) -> DataLoader:
-    sampler = ResumableSampler(len(dataset), seed, start=step * tc.batch_size)
+def make_loader(dataset: Dataset, tc: TrainConfig, seed: int, step: int, num_workers: int,
+                ctx: distributed.DistContext) -> DataLoader:
+    start = step * tc.grad_accum * tc.batch_size * ctx.world_size
+    sampler = ResumableSampler(len(dataset), seed, start, tc.batch_size, ctx)
     # Its own generator: creating the iterator would otherwise draw from the global RNG and
     # shift every later random number of a resumed run.
     return DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
@@ -78,10 +101,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _lr_at(step: int, tc: TrainConfig) -> float:
+def _lr_at(step: int, tc: TrainConfig, ctx: distributed.DistContext) -> float:
+    lr = tc.lr * (ctx.world_size * tc.grad_accum if tc.scale_lr else 1)
     if tc.warmup_steps and step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    return tc.lr
+        return lr * (step + 1) / tc.warmup_steps
+    return lr
 
 
 def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -102,18 +126,55 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def _wrap(module: torch.nn.Module, tc: TrainConfig, ctx: distributed.DistContext, device: torch.device):
+    """DDP (default) or FSDP around a trainable module; the module itself in a world of one."""
+    if not ctx.enabled:
+        return module
+    if tc.strategy == "fsdp":
+        # Not yet: checkpoints would need FSDP's full-state-dict gathering, and no machine here
+        # has several GPUs to prove it. Refuse rather than train something that cannot be saved.
+        raise NotImplementedError("strategy=fsdp is not supported yet; use strategy=ddp")
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside some test runners): no handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 class _Loop:
     """Step bookkeeping shared by both stages: logging, non-finite accounting, progress."""
 
-    def __init__(self, stage: str, tc: TrainConfig, run: RunDir, start: int, progress: bool):
-        self.stage, self.tc, self.run = stage, tc, run
+    def __init__(self, stage: str, tc: TrainConfig, run: RunDir, start: int, progress: bool,
+                 ctx: distributed.DistContext):
+        self.stage, self.tc, self.run, self.ctx = stage, tc, run, ctx
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
-        self.bar = tqdm(total=tc.steps, initial=start, desc=stage, disable=not progress, dynamic_ncols=True)
+        self.bar = tqdm(total=tc.steps, initial=start, desc=stage, disable=not (progress and ctx.is_main),
+                        dynamic_ncols=True)
         self.t0, self.images = time.perf_counter(), 0
 
     def check_finite(self, loss: torch.Tensor, step: int) -> bool:
-        if torch.isfinite(loss).all():
+        # Agreed across ranks: one rank skipping a backward the others run would hang DDP.
+        finite = float(distributed.all_reduce_mean(torch.isfinite(loss).all().float().reshape(1)))
+        if finite == 1.0:
             self.nonfinite_streak = 0
             return True
         self.nonfinite_total += 1
@@ -128,9 +189,9 @@ class _Loop:
         return False
 
     def log(self, step: int, logs: dict) -> None:
-        self.images += self.tc.batch_size
+        self.images += self.tc.batch_size * self.tc.grad_accum * self.ctx.world_size
         self.bar.update(1)
-        if (step + 1) % self.tc.log_every and step + 1 != self.tc.steps:
+        if not self.ctx.is_main or ((step + 1) % self.tc.log_every and step + 1 != self.tc.steps):
             return
         elapsed = time.perf_counter() - self.t0
         record = {"stage": self.stage, "step": step + 1, "images_per_s": self.images / max(elapsed, 1e-9),
@@ -140,8 +201,21 @@ class _Loop:
         self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['images_per_s']:.1f}")
         self.t0, self.images = time.perf_counter(), 0
 
+    def should_save(self, step: int, sigterm: _SigtermFlag) -> bool:
+        return (step + 1) % self.tc.ckpt_every == 0 or step + 1 == self.tc.steps or sigterm.raised
+
     def close(self):
         self.bar.close()
+
+
+def _save_then_maybe_stop(loop: _Loop, save, step: int, sigterm: _SigtermFlag) -> None:
+    if loop.ctx.is_main:
+        save(step + 1)
+    distributed.barrier()
+    if sigterm.raised:
+        loop.close()
+        raise Preempted(f"{loop.stage}: SIGTERM received; checkpoint at step {step + 1} written to "
+                        f"{loop.run.stage_dir(loop.stage)}; continue with --resume")
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -149,23 +223,25 @@ class _Loop:
 def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dataset,
                       device: str = "cpu", resume: bool = False, progress: bool = True) -> torch.nn.Module:
     """Train the first stage (L1 + perceptual + PatchGAN) and write `autoencoder.safetensors`."""
-    device = torch.device(device)
+    device, ctx = torch.device(device), distributed.current()
     tc = cfg.train_autoencoder
     torch.manual_seed(cfg.seed)  # before any module is built: the initial weights follow the seed
     model = build_first_stage(cfg.autoencoder).to(device)
     if cfg.autoencoder.kind == "identity":
-        run.save_first_stage(model, cfg)
+        if ctx.is_main:
+            run.save_first_stage(model, cfg)
         return model
     loss_fn = AutoencoderLoss(cfg.autoencoder).to(device)
+    disc = loss_fn.discriminator
     gen_params = list(model.parameters())
     opt_g = torch.optim.Adam(gen_params, lr=tc.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=tc.lr, betas=(0.5, 0.9))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = 0
     if resume and (found := ckpt.latest_valid(run.stage_dir("autoencoder"))):
         path, tensors, meta = found
         model.load_state_dict(ckpt.unflatten_state("model.", tensors))
-        loss_fn.discriminator.load_state_dict(ckpt.unflatten_state("disc.", tensors))
+        disc.load_state_dict(ckpt.unflatten_state("disc.", tensors))
         ckpt.optimizer_from_tensors("opt_g.", opt_g, tensors, meta["opt_g"])
         ckpt.optimizer_from_tensors("opt_d.", opt_d, tensors, meta["opt_d"])
         _restore_rng(tensors, generator)
@@ -179,48 +255,69 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
         t_g, j_g = ckpt.optimizer_to_tensors("opt_g.", opt_g)
         t_d, j_d = ckpt.optimizer_to_tensors("opt_d.", opt_d)
         tensors = {**ckpt.flatten_state("model.", model.state_dict()),
-                   **ckpt.flatten_state("disc.", loss_fn.discriminator.state_dict()),
+                   **ckpt.flatten_state("disc.", disc.state_dict()),
                    **t_g, **t_d, **_rng_tensors(generator)}
         ckpt.save_checkpoint(ckpt.checkpoint_path(run.stage_dir("autoencoder"), step), tensors,
                              {"step": step, "opt_g": j_g, "opt_d": j_d, "config": json.dumps(to_dict(cfg))})
         ckpt.prune(run.stage_dir("autoencoder"), tc.keep_last)
 
-    loop = _Loop("autoencoder", tc, run, start, progress)
-    loader = make_loader(train_set, tc, cfg.seed, start, cfg.data.num_workers)
-    batches = iter(loader)
+    # The generator is wrapped in DDP; the discriminator is called several times per step
+    # (real, fake, and inside the generator loss), so its gradients are averaged by hand.
+    wrapped = _wrap(model, tc, ctx, device)
+    loop = _Loop("autoencoder", tc, run, start, progress, ctx)
+    batches = iter(make_loader(train_set, tc, cfg.seed, start, cfg.data.num_workers, ctx))
     model.train()
     logvar = getattr(model, "logvar", None)
-    for step in range(start, tc.steps):
-        x = next(batches)["image"].to(device)
-        for group in (*opt_g.param_groups, *opt_d.param_groups):
-            group["lr"] = _lr_at(step, tc)
-        with _autocast(device, cfg.precision):
-            recon, reg_loss, stats = model(x)
-            loss, logs = loss_fn.generator(x, recon.float(), reg_loss, step, model.decoder.last_layer, logvar)
-        if loop.check_finite(loss, step):
+    f, z_ch = cfg.autoencoder.factor, cfg.autoencoder.z_channels
+    with _SigtermFlag() as sigterm:
+        for step in range(start, tc.steps):
+            for group in (*opt_g.param_groups, *opt_d.param_groups):
+                group["lr"] = _lr_at(step, tc, ctx)
             opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(gen_params, tc.grad_clip)
-            opt_g.step()
-            with _autocast(device, cfg.precision):
-                d_loss, d_logs = loss_fn.discriminator_loss(x, recon.float(), step)
-            if d_loss is not None and loop.check_finite(d_loss, step):
+            logs, micro_batches, ok = {}, [], True
+            for micro in range(tc.grad_accum):
+                x = next(batches)["image"].to(device)
+                noise = distributed.randn_global((x.shape[0], z_ch, x.shape[2] // f, x.shape[3] // f),
+                                                 generator, ctx, device)
+                sync = micro == tc.grad_accum - 1 or not ctx.enabled
+                with _autocast(device, cfg.precision), (nullcontext() if sync else wrapped.no_sync()):
+                    recon, reg_loss, stats = wrapped(x, noise=noise)
+                    loss, logs = loss_fn.generator(x, recon.float(), reg_loss, step, model.decoder.last_layer, logvar)
+                    if not loop.check_finite(loss, step):
+                        ok = False
+                        break
+                    (loss / tc.grad_accum).backward()
+                micro_batches.append((x, recon.detach()))
+                logs.update(loss=loss.detach(), **stats)
+            if ok:
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(gen_params, tc.grad_clip)
+                opt_g.step()
                 opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                logs.update(d_logs)
-            logs.update(loss=loss.detach(), **{k: v for k, v in stats.items()})
-        loop.log(step, logs)
-        if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
-            save(step + 1)
+                d_ok = True
+                for x, recon in micro_batches:
+                    with _autocast(device, cfg.precision):
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, recon.float(), step)
+                    if d_loss is None or not loop.check_finite(d_loss, step):
+                        d_ok = False
+                        break
+                    (d_loss / tc.grad_accum).backward()
+                    logs.update(d_logs)
+                if d_ok:
+                    distributed.average_gradients(disc.parameters())
+                    opt_d.step()
+            loop.log(step, logs)
+            if loop.should_save(step, sigterm):
+                _save_then_maybe_stop(loop, save, step, sigterm)
     loop.close()
     model.eval()
-    run.save_first_stage(model, cfg)
-    with torch.no_grad():
-        x = torch.stack([heldout[i]["image"] for i in range(min(16, len(heldout)))]).to(device)
-        recon = model(x, sample=False)[0]
-        save_grid(torch.cat([x, recon]), run.path / "reconstructions.png", nrow=len(x), upscale=4 if x.shape[-1] <= 64 else 1)
+    if ctx.is_main:
+        run.save_first_stage(model, cfg)
+        with torch.no_grad():
+            x = torch.stack([heldout[i]["image"] for i in range(min(16, len(heldout)))]).to(device)
+            recon = model(x, sample=False)[0]
+            save_grid(torch.cat([x, recon]), run.path / "reconstructions.png", nrow=len(x),
+                      upscale=4 if x.shape[-1] <= 64 else 1)
     return model
 
 
@@ -231,9 +328,10 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
               conditioner=None) -> tuple[LatentDiffusion, EMA | None]:
     """Train the latent UNet (ε/v objective) on the frozen first stage; writes `ldm.safetensors`.
 
-    `conditioner(batch, generator) -> (cond dict, trainable module or None)` turns a data batch
-    into the UNet's conditioning (see model.py); None trains unconditionally."""
-    device = torch.device(device)
+    `conditioner(batch, generator) -> cond dict` turns a data batch into the UNet's
+    conditioning (see model.py); its `.module`, when not None, is trained jointly. None trains
+    unconditionally. A batch carrying 'latent' (cached latents) skips the first-stage encoder."""
+    device, ctx = torch.device(device), distributed.current()
     tc = cfg.train_ldm
     torch.manual_seed(cfg.seed + 1)
     model = LatentDiffusion(cfg, first_stage).to(device)
@@ -271,43 +369,81 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                              {"step": step, "opt": j_opt, "config": json.dumps(to_dict(cfg))})
         ckpt.prune(run.stage_dir("ldm"), tc.keep_last)
 
-    loop = _Loop("ldm", tc, run, start, progress)
-    batches = iter(make_loader(train_set, tc, cfg.seed + 1, start, cfg.data.num_workers))
+    unet = model.unet
+    model.unet = _wrap(unet, tc, ctx, device)  # LatentDiffusion.forward now goes through DDP
+    if cond_module is not None and ctx.enabled:
+        conditioner.module = _wrap(cond_module, tc, ctx, device)
+    loop = _Loop("ldm", tc, run, start, progress, ctx)
+    batches = iter(make_loader(train_set, tc, cfg.seed + 1, start, cfg.data.num_workers, ctx))
     model.train()
-    for step in range(start, tc.steps):
-        batch = next(batches)
-        x = batch["image"].to(device)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, tc)
-        if not scale_known:
-            # scale_by_std: measured once, on the first batch of stage 2 (paper App. G).
-            z = model.first_stage.encode_latent(x, sample=True, generator=generator)
-            value = model.set_scale_from_latents(z)
-            log.info("ldm: latent scale factor set to %.5f (1/std of the first batch)", value)
-            run.append_metrics({"stage": "ldm", "step": step, "scale_factor": value})
-            scale_known = True
-        with _autocast(device, cfg.precision):
-            z = model.encode(x, generator=generator)
-            cond = conditioner(batch, generator) if conditioner else {}
-            loss = diffusion_loss(model, z, model.schedule, cond=cond, loss_type=cfg.diffusion.loss,
-                                  generator=generator)
-        logs = {}
-        if loop.check_finite(loss, step):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update(model.unet)
-            logs["loss"] = loss.detach()
-        loop.log(step, logs)
-        if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
-            save(step + 1)
+    T = model.schedule.num_timesteps
+    try:
+        with _SigtermFlag() as sigterm:
+            for step in range(start, tc.steps):
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, tc, ctx)
+                opt.zero_grad(set_to_none=True)
+                logs, ok = {}, True
+                for micro in range(tc.grad_accum):
+                    batch = next(batches)
+                    with torch.no_grad():
+                        z = _latents(model, batch, generator, ctx, device)
+                    if not scale_known:
+                        # scale_by_std: measured once, on the first batch of stage 2 (paper App. G),
+                        # over the global batch so every rank agrees.
+                        moments = distributed.all_reduce_mean(torch.stack([z.float().mean(), z.float().pow(2).mean()]))
+                        value = float((moments[1] - moments[0] ** 2).clamp_min(1e-16).rsqrt())
+                        model.scale_factor.fill_(value)
+                        z = z * value
+                        log.info("ldm: latent scale factor set to %.5f (1/std of the first batch)", value)
+                        if ctx.is_main:
+                            run.append_metrics({"stage": "ldm", "step": step, "scale_factor": value})
+                        scale_known = True
+                    t = distributed.randint_global(T, z.shape[0], generator, ctx, device)
+                    noise = distributed.randn_global(z.shape, generator, ctx, device)
+                    sync = micro == tc.grad_accum - 1 or not ctx.enabled
+                    no_sync = model.unet.no_sync() if not sync else nullcontext()
+                    with _autocast(device, cfg.precision), no_sync:
+                        cond = conditioner(batch, generator) if conditioner else {}
+                        loss = diffusion_loss(model, z, model.schedule, cond=cond, loss_type=cfg.diffusion.loss,
+                                              t=t, noise=noise)
+                        if not loop.check_finite(loss, step):
+                            ok = False
+                            break
+                        (loss / tc.grad_accum).backward()
+                    logs["loss"] = loss.detach()
+                if ok:
+                    if tc.grad_clip:
+                        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                    opt.step()
+                    if ema is not None:
+                        ema.update(unet)
+                loop.log(step, logs)
+                if loop.should_save(step, sigterm):
+                    _save_then_maybe_stop(loop, save, step, sigterm)
+    finally:
+        model.unet = unet
+        if cond_module is not None:
+            conditioner.module = cond_module
     loop.close()
     model.eval()
-    run.save_ldm(model, ema, cond_module, cfg)
+    if ctx.is_main:
+        run.save_ldm(model, ema, cond_module, cfg)
     return model, ema
+
+
+def _latents(model: LatentDiffusion, batch: dict, generator, ctx, device) -> torch.Tensor:
+    """Scaled latents of a batch: from the cache when it carries them, else encoded now. The KL
+    posterior noise is drawn for the global batch (see ldm_fast.distributed)."""
+    if "latent" in batch:
+        return batch["latent"].to(device) * model.scale_factor
+    x = batch["image"].to(device)
+    noise = None
+    if model.cfg.autoencoder.kind == "kl":
+        f = model.factor
+        shape = (x.shape[0], model.cfg.autoencoder.z_channels, x.shape[2] // f, x.shape[3] // f)
+        noise = distributed.randn_global(shape, generator, ctx, device)
+    return model.encode(x, noise=noise)
 
 
 def save_config(cfg: Config, run: RunDir) -> None:

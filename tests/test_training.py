@@ -7,23 +7,15 @@ import pytest
 import torch
 
 from ldm_fast import checkpoint as ckpt
-from ldm_fast.config import get_preset
 from ldm_fast.data.procedural import ProceduralShapes
 from ldm_fast.run import RunDir
 from ldm_fast.train import main as train_main
 from ldm_fast.training import ResumableSampler, TrainingDiverged, train_autoencoder, train_ldm
+from micro import micro_config
 
 
 def micro(steps=6):
-    cfg = get_preset("tiny")
-    cfg.data.resolution = 16
-    cfg.autoencoder.base_channels, cfg.autoencoder.resolution = 16, 16
-    cfg.autoencoder.disc_start = 2  # exercise the adversarial branch and its optimizer
-    cfg.autoencoder.disc_channels = 8
-    cfg.unet.model_channels, cfg.unet.num_head_channels = 32, 16
-    for tc in (cfg.train_autoencoder, cfg.train_ldm):
-        tc.steps, tc.batch_size, tc.ckpt_every, tc.log_every, tc.warmup_steps = steps, 4, 3, 1, 2
-    return cfg
+    return micro_config(steps)
 
 
 def data():
