@@ -16,7 +16,7 @@
 # STEPS below.
 set -uo pipefail
 
-STEPS=(env kernel-tests kernel-bench)
+STEPS=(env kernel-tests kernel-bench throughput-tiny throughput-sd train-throughput)
 
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET            # compiled kernels, not the CPU interpreter
@@ -90,6 +90,28 @@ step_kernel_tests() {
 step_kernel_bench() {
     # GroupNorm(+SiLU) and attention vs eager PyTorch and torch.compile (bench/kernels.py).
     "$PY" bench/kernels.py --out "$RESULTS/kernels.json" 2>&1 | tee "$RESULTS/kernel-bench.log"
+}
+
+step_throughput_tiny() {
+    # Sampling throughput of the tiny preset on every backend (bench/throughput.py): images/s,
+    # UNet-step and decode latency, peak memory, speed-up over eager fp32, % of peak FLOP/s.
+    "$PY" bench/throughput.py --sizes tiny --out "$RESULTS/throughput-tiny.json" 2>&1 \
+        | tee "$RESULTS/throughput-tiny.log"
+}
+
+step_throughput_sd() {
+    # The same for an SD1.5-sized UNet (random weights, 64×64 latents, guidance) and the KL-f8
+    # decoder to 512²; compile time of each shape is reported apart from the timings.
+    "$PY" bench/throughput.py --sizes sd --out "$RESULTS/throughput-sd.json" 2>&1 \
+        | tee "$RESULTS/throughput-sd.log"
+}
+
+step_train_throughput() {
+    # Training steps/s of both stages for eager / triton / compile, and cached latents vs
+    # encoding every step (bench/train_throughput.py), at a GPU-sized batch.
+    "$PY" bench/train_throughput.py --batch 64 --steps 20 --warmup 3 \
+        --backends eager,triton,compile --out "$RESULTS/train_throughput.json" 2>&1 \
+        | tee "$RESULTS/train_throughput.log"
 }
 
 # ----------------------------------------------------------------------------- driver
