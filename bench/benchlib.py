@@ -381,8 +381,12 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def default_out(name: str, info: dict) -> Path:
-    """bench/results/<benchmark>-<machine>.json: the latest figures per machine."""
+def default_out(name: str, info: dict, smoke: bool = False) -> Path:
+    """bench/results/<benchmark>-<machine>.json: the latest figures per machine. Smoke runs
+    (numbers meaningless) go to the temp directory instead, so they never replace results."""
+    if smoke:
+        import tempfile
+        return Path(tempfile.gettempdir()) / "ldm_fast_bench" / f"{name}-{machine_slug(info)}.json"
     return RESULTS_DIR / f"{name}-{machine_slug(info)}.json"
 
 

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory() if args.work_dir is None else None
     work = Path(args.work_dir or tmp.name)
-    out = Path(args.out) if args.out else bl.default_out("compression", info)
+    out = Path(args.out) if args.out else bl.default_out("compression", info, smoke=args.quick)
 
     train_set = ProceduralShapes(args.train_size, args.resolution, seed=0)
     heldout = ProceduralShapes(args.reference, args.resolution, seed=0, start=args.train_size)
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "compression", "machine": info, "args": vars(args), "results": rows,
                "fd_name": probe.fd_name, "fid_unavailable": probe.fid_unavailable,
                "reference_images": probe.reference_n, "total_s": time.perf_counter() - t_start,
+               "smoke": args.quick,
                "notes": ["quality at this budget is indicative only (short training, small sample sets)",
                          "CPU absolute times are CPU times on shared cores; quote ratios"
                          if info["device_type"] == "cpu" else ""]}

@@ -217,10 +217,10 @@ def main(argv=None) -> int:
                "reference_images": probe.reference_n, "warmup_s": warm, "results": results,
                "skipped": skipped, "flags": flags, "agreement_rule":
                    f"|d_backend − d_eager| > {AGREEMENT_K}·sqrt(σ_backend² + σ_eager²), σ = bootstrap std",
-               "total_s": time.perf_counter() - t_start}
+               "total_s": time.perf_counter() - t_start, "smoke": args.smoke}
     if args.smoke:
         payload["notes"] = ["--smoke: numbers meaningless"]
-    out = Path(args.out) if args.out else bl.default_out("fid_vs_throughput", info)
+    out = Path(args.out) if args.out else bl.default_out("fid_vs_throughput", info, smoke=args.smoke)
     bl.write_json(payload, out)
     plot(payload, out.with_suffix(".png"))
     md = markdown(payload)

@@ -609,8 +609,8 @@ def main(argv=None) -> int:
 
     payload = {"benchmark": "throughput", "machine": info, "args": vars(args), "models": models,
                "results": results, "skipped": skipped,
-               "notes": _notes(dev)}
-    out = Path(args.out) if args.out else bl.default_out("throughput", info)
+               "notes": _notes(dev), "smoke": args.quick}
+    out = Path(args.out) if args.out else bl.default_out("throughput", info, smoke=args.quick)
     bl.write_json(payload, out)
     md = markdown(payload)
     out.with_suffix(".md").write_text(md + "\n")

@@ -278,8 +278,9 @@ def main(argv=None) -> int:
             r["speedup"] = base["step_s"]["median"] / r["step_s"]["median"]
 
     payload = {"benchmark": "train_throughput", "machine": info, "args": vars(args),
-               "preset": args.preset, "results": rows, "skipped": skipped, "cache": cache_info}
-    out = Path(args.out) if args.out else bl.default_out("train_throughput", info)
+               "preset": args.preset, "results": rows, "skipped": skipped, "cache": cache_info,
+               "smoke": args.quick}
+    out = Path(args.out) if args.out else bl.default_out("train_throughput", info, smoke=args.quick)
     bl.write_json(payload, out)
     md = markdown(payload)
     out.with_suffix(".md").write_text(md + "\n")
