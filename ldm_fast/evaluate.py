@@ -1,7 +1,9 @@
 """`python -m ldm_fast.evaluate --ckpt RUN_DIR`: how good is a trained run?
 
 - First stage: reconstruction PSNR / SSIM on held-out images.
-- LDM: FD-shapes — the Fréchet distance between samples and held-out images in the features of
+- Conditional runs: the task's metric (ldm_fast.tasks.evaluate_task: class accuracy guided vs
+  unguided, prompt agreement, box-crop accuracy, mIoU, PSNR/SSIM vs bicubic, masked L1).
+- Unconditional LDM: FD-shapes — the Fréchet distance between samples and held-out images in the features of
   the project's own small network trained on the procedural data (it is *not* FID; FID needs
   the Inception weights, see ldm_fast.metrics.inception), and precision/recall in those features.
 Prints a table and writes RUN_DIR/eval.json.
@@ -34,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernels", choices=ops.BACKENDS)
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the task metric")
     p.add_argument("--skip-samples", action="store_true", help="only evaluate the autoencoder")
     return p.parse_args(argv)
 
@@ -78,8 +81,16 @@ def main(argv=None) -> int:
         results["autoencoder"] = reconstruction_metrics(load_first_stage(args.ckpt, args.device, cfg),
                                                         reference, args.batch_size, args.device)
     if not args.skip_samples and (Path(args.ckpt) / "ldm.safetensors").is_file():
-        model, _ = load_model(args.ckpt, args.device)
-        results["ldm"] = sample_metrics(model, reference, args)
+        model, cond_state = load_model(args.ckpt, args.device)
+        if cfg.conditioning.task == "unconditional":
+            results["ldm"] = sample_metrics(model, reference, args)
+        else:
+            from ldm_fast.tasks import evaluate_task, load_conditioner
+
+            conditioner = load_conditioner(args.ckpt, model, cond_state, device=args.device)
+            results["task"] = evaluate_task(model, conditioner, heldout, n=args.n, guidance=args.guidance,
+                                            sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                            batch_size=args.batch_size)
     for section, values in results.items():
         if isinstance(values, dict):
             print(f"{section}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

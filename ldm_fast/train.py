@@ -19,12 +19,14 @@ from ldm_fast.checkpoint import list_checkpoints
 from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
 from ldm_fast.data.build import build_datasets
 from ldm_fast.run import RunDir, load_config, load_first_stage
+from ldm_fast.tasks import TASK_PRESETS, TASKS, build_conditioner, dataset_captions, task_dataset
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ldm_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
+    p.add_argument("--preset", default="tiny", help="named preset (default: tiny, or tiny-<task> with --task)")
+    p.add_argument("--task", choices=TASKS, help="the paper's task to train (default: the preset's)")
     p.add_argument("--config", help="YAML config file (instead of --preset)")
     p.add_argument("--stage", choices=("autoencoder", "ldm", "all"), default="all")
     p.add_argument("--data", help="image folder to train on (default: the procedural data)")
@@ -45,7 +47,10 @@ def build_config(args):
     if args.resume and args.out and (Path(args.out) / "config.yaml").is_file() and not args.config:
         cfg = load_config(args.out)  # a resumed run keeps its own config
     else:
-        cfg = load_yaml(args.config) if args.config else get_preset(args.preset)
+        cfg = load_yaml(args.config) if args.config else _preset(args.preset, args.task)
+        if args.task and cfg.conditioning.task != args.task:
+            raise ConfigError(f"conditioning.task: the config trains {cfg.conditioning.task!r}, "
+                              f"not --task {args.task!r}")
     for assignment in args.set:
         cfg = apply_override(cfg, assignment)
     for stage in ("train_autoencoder", "train_ldm"):
@@ -63,6 +68,14 @@ def build_config(args):
     if args.kernels:
         cfg.kernels = args.kernels
     return validate(cfg)
+
+
+def _preset(name: str, task: str | None):
+    if task and name == "tiny":
+        name = f"tiny-{task}" if task != "unconditional" else "tiny"
+    if name in TASK_PRESETS:
+        return validate(TASK_PRESETS[name]())
+    return get_preset(name)
 
 
 def main(argv=None) -> int:
@@ -105,20 +118,38 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
         else:
             first_stage = load_first_stage(run.path, device, cfg)
         if "ldm" in stages:
-            train_ldm(cfg, run, first_stage, train_set, device, args.resume, progress)
+            ldm_set = task_dataset(cfg, train_set)
+            conditioner = None
+            if cfg.conditioning.task != "unconditional":
+                conditioner = build_conditioner(cfg, first_stage, dataset_captions(ldm_set),
+                                                run_dir=run.path, device=device)
+            if cfg.train_ldm.cached_latents:
+                ldm_set = _cached(cfg, first_stage, ldm_set, device, progress and ctx.is_main)
+            train_ldm(cfg, run, first_stage, ldm_set, device, args.resume, progress, conditioner)
     except (TrainingDiverged, Preempted) as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
     if "ldm" in stages and ctx.is_main:
-        from ldm_fast.generate import generate
-        from ldm_fast.images import save_grid
-        from ldm_fast.run import load_model
+        from ldm_fast.sample import main as sample_main
 
-        model, _ = load_model(run.path, device)  # the EMA weights, as sampling sees them
-        images = generate(model, n=16, sampler="ddim", steps=50, seed=cfg.seed)
-        grid = save_grid(images, run.path / "samples.png", upscale=4 if images.shape[-1] <= 64 else 1)
-        print(f"samples: {grid.resolve()}")
+        # The sample grid of a finished run: the EMA weights, loaded the way sampling sees them,
+        # conditioned on held-out inputs for conditional tasks.
+        sample_main(["--ckpt", str(run.path), "--n", "16", "--seed", str(cfg.seed), "--device", device,
+                     "--out", str(run.path / "samples.png")])
     return 0
+
+
+def _cached(cfg, first_stage, dataset, device, progress):
+    """Encode the training set once with the frozen first stage (reused while the first stage's
+    weights and the dataset size are unchanged) and train on the stored latents."""
+    from ldm_fast.data.latent_cache import LatentCacheDataset, build_latent_cache
+
+    distributed.barrier()
+    if distributed.current().is_main:
+        build_latent_cache(first_stage, dataset, cfg.train_ldm.cached_latents, device=device, progress=progress)
+    distributed.barrier()
+    # Unscaled latents: train_ldm applies (and on the first batch measures) the scale factor.
+    return LatentCacheDataset(cfg.train_ldm.cached_latents, scale_factor=1.0, seed=cfg.seed)
 
 
 if __name__ == "__main__":

@@ -371,8 +371,6 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
 
     unet = model.unet
     model.unet = _wrap(unet, tc, ctx, device)  # LatentDiffusion.forward now goes through DDP
-    if cond_module is not None and ctx.enabled:
-        conditioner.module = _wrap(cond_module, tc, ctx, device)
     loop = _Loop("ldm", tc, run, start, progress, ctx)
     batches = iter(make_loader(train_set, tc, cfg.seed + 1, start, cfg.data.num_workers, ctx))
     model.train()
@@ -413,6 +411,9 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                         (loss / tc.grad_accum).backward()
                     logs["loss"] = loss.detach()
                 if ok:
+                    if cond_module is not None:
+                        # τθ is reached through the conditioner, not through DDP: average by hand.
+                        distributed.average_gradients(cond_module.parameters())
                     if tc.grad_clip:
                         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     opt.step()
@@ -423,8 +424,6 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                     _save_then_maybe_stop(loop, save, step, sigterm)
     finally:
         model.unet = unet
-        if cond_module is not None:
-            conditioner.module = cond_module
     loop.close()
     model.eval()
     if ctx.is_main:
