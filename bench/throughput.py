@@ -68,7 +68,7 @@ CPU_DEFAULT_LEAVES_OUT = {
                          "decoder took ~80 s + ~50 s per batch size on a 2-core CPU; add "
                          "compile:fp32 to --backends to measure it",
 }
-DEFAULT_BATCHES = {"cuda": {"tiny": "1,16,64", "sd": "1,4"}, "cpu": {"tiny": "1,8", "sd": "1"}}
+DEFAULT_BATCHES = {"cuda": {"tiny": "1,16,64", "sd": "1,4"}, "cpu": {"tiny": "1,8,32", "sd": "1"}}
 CFG_SCALE = 7.5
 
 
@@ -247,6 +247,7 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
                       [f"torch.compile mode={compile_mode}, Inductor, eager ops inside"])
     if backend == "triton-cudagraph":
         m = _cast_model(base, dtype, cache)
+        t_capture = time.perf_counter()
         n = batch * size.cfg_factor
         x = torch.randn(n, *size.latent, device=device, dtype=dtype)
         t = torch.full((n,), 500.0, device=device)
@@ -268,8 +269,9 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
         finally:
             ops.set_backend(prev if prev != "auto" else None)
         return Runner(backend, dtype, "triton", unet, decode,
-                      ["UNet call and decoder captured per batch size; sampler updates launched "
-                       "outside the graph"])
+                      [f"UNet call and decoder captured for this batch size in "
+                       f"{time.perf_counter() - t_capture:.1f} s (warm-up, autotuning and capture; "
+                       "not in the first-call time); sampler updates launched outside the graph"])
     if backend in ("onnxruntime", "tensorrt"):
         return _exported_runner(backend, dtype, base, size, device, batch, cache)
     raise SystemExit(f"--backends: unknown backend {backend!r} ({', '.join(BACKENDS)})")
@@ -422,22 +424,36 @@ def _interleaved(runners: list[Runner], make_fn, device, warmup: int, reps: int,
     """Time make_fn(runner)() for every runner, the repetitions interleaved (rep 1 of every
     runner, then rep 2, …): on shared or throttling machines a slow spell then hits all
     backends alike instead of whichever happened to run during it, which keeps the ratios
-    honest. Returns per runner summarize() (+ 'peak_bytes' with track_memory on CUDA)."""
+    honest. Returns per runner summarize() (+ 'peak_bytes' with track_memory on CUDA), or
+    {'error': …} for a runner that raised (it is left out of the remaining repetitions)."""
     fns = [make_fn(r) for r in runners]
-    for r, fn in zip(runners, fns):
-        for _ in range(warmup):
-            _call(r, fn)
     samples = [[] for _ in runners]
     peaks = [None for _ in runners]
+    errors = [None for _ in runners]
+    for i, (r, fn) in enumerate(zip(runners, fns)):
+        try:
+            for _ in range(warmup):
+                _call(r, fn)
+        except Exception as e:  # noqa: BLE001 - one failing backend must not hide the others
+            errors[i] = f"{type(e).__name__}: {e}"
     for _ in range(reps):
         for i, (r, fn) in enumerate(zip(runners, fns)):
-            with bl.peak_memory(device) as mem:
-                dt, _ = bl.time_once(lambda: _call(r, fn), device)
+            if errors[i]:
+                continue
+            try:
+                with bl.peak_memory(device) as mem:
+                    dt, _ = bl.time_once(lambda: _call(r, fn), device)
+            except Exception as e:  # noqa: BLE001
+                errors[i] = f"{type(e).__name__}: {e}"
+                continue
             samples[i].append(dt)
             if track_memory and mem["bytes"] is not None:
                 peaks[i] = max(peaks[i] or 0, mem["bytes"])
     out = []
-    for s, p in zip(samples, peaks):
+    for s, p, err in zip(samples, peaks, errors):
+        if err:
+            out.append({"error": err})
+            continue
         stats = bl.summarize(s)
         if p is not None:
             stats["peak_bytes"] = p
@@ -482,8 +498,13 @@ def run_group(runners: list[Runner], size: Size, schedule, batch: int, args, dev
     if args.sample_reps:
         phases += [("decode_s", decode_fn, 1, args.reps), ("sample_s", sample_fn, 1, args.sample_reps)]
     for key, make_fn, warmup, reps in phases:
-        for r, stats in zip(live, _interleaved(live, make_fn, device, warmup, reps,
-                                               track_memory=key == "sample_s")):
+        for r, stats in zip(list(live), _interleaved(live, make_fn, device, warmup, reps,
+                                                     track_memory=key == "sample_s")):
+            if "error" in stats:
+                rows[id(r)]["error"] = f"{key}: {stats['error']}"
+                bl.log(f"[{size.name}] {r.backend} batch {batch}: FAILED {rows[id(r)]['error']}")
+                live.remove(r)
+                continue
             peak = stats.pop("peak_bytes", None)
             rows[id(r)][key] = stats
             if key == "sample_s":
