@@ -46,6 +46,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -384,7 +385,11 @@ def export_graph(module: nn.Module, spec: GraphSpec, path, sizes: dict[str, int]
     args = tuple(example[n] for n in names[:1])
     kwargs = {n: example[n] for n in names[1:]}
     module = module.eval()
-    with reference_ops(), torch.no_grad():
+    with reference_ops(), torch.no_grad(), warnings.catch_warnings():
+        # Benign exporter chatter: axis names shared by several inputs (batch, height) are
+        # reported once per extra input, and a torch-internal pytree deprecation.
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                                     output_names=[t.name for t in spec.outputs], dynamic_shapes=dynamic,
                                     verbose=False)

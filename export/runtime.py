@@ -12,9 +12,10 @@ What differs between backends is only who evaluates the graphs:
                    as tasks.Conditioner: the torch backend uses that object itself; the graph
                    backends use `ExportedConditioner` (host-side tokenisation and id checks,
                    τθ from the cond_encoder graph).
-The loop in `Deployment.generate` is ldm_fast.generate.generate's: one torch.Generator seeded
-with `seed` on the latents' device draws the starting noise and every stochastic update, so
-the same seed gives the same images on every backend up to the graphs' arithmetic.
+The loop in `Deployment.generate` is ldm_fast.generate.generate's, with one difference: the
+torch.Generator seeded with `seed` lives on the CPU for every backend (generate() puts it on the
+model's device), so the same seed gives the same starting noise and stochastic updates on
+every backend and device, and the images agree up to the graphs' arithmetic.
 
 The export folder (written by `python -m ldm_fast.export`) holds manifest.json — config,
 schedule, latent scale, the graphs and their specs, the run directory the torch backend loads,
@@ -262,8 +263,11 @@ class Deployment:
             raise ValueError("guidance ≠ 1 needs a null condition; this model/task has none")
         fixed = self.conditioner.latent_size(cond) if self.conditioner is not None else None
         latent_size = tuple(fixed or latent_size or self.default_latent_size())
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.randn((n, self.latent_channels, *latent_size), generator=generator, device=self.device)
+        # A CPU generator on every backend, so a seed means the same noise on onnxruntime (CPU),
+        # TensorRT and torch on CUDA alike; the samplers draw their later noise from it too and
+        # move it to the latents' device. (On CPU this is exactly ldm_fast.generate's stream.)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn((n, self.latent_channels, *latent_size), generator=generator).to(self.device)
         z = samplers.sample(sampler, self.denoiser, x, self.schedule, steps=steps, eta=eta, cond=cond,
                             uncond=uncond, guidance=guidance, generator=generator)
         images = self.decoder(z).clamp(-1, 1)

@@ -99,3 +99,30 @@ def class_export_dir() -> Path:
     rc = main(["--ckpt", str(class_run_dir()), "--out", str(out), "--graphs", "unet,decoder,cond_encoder"])
     assert rc == 0, f"export CLI exited with {rc}"
     return out
+
+
+CAPTIONS = ["a large red circle on a plain background", "a small blue square", "two green triangles",
+            "a yellow star above a purple circle"]
+
+
+@functools.lru_cache(maxsize=None)
+def text_run_dir() -> Path:
+    """A text-conditional micro run: trained WordPiece tokenizer (saved as tokenizer.json, as
+    training does) and a 1-layer τθ transformer with random weights."""
+    from ldm_fast.run import RunDir
+    from ldm_fast.tasks import build_conditioner, tiny_task_config
+
+    cfg = tiny_task_config("text")
+    cc = cfg.conditioning
+    cc.embed_dim = cfg.unet.context_dim = 16
+    cc.n_layers, cc.n_heads, cc.max_length = 1, 2, 12
+    cfg = shrink(cfg, "kl")
+    torch.manual_seed(2)
+    model = LatentDiffusion(cfg).eval()
+    path = ROOT / "run_text"
+    run = RunDir(path)
+    cond = build_conditioner(cfg, model, CAPTIONS, run_dir=path)
+    save_yaml(cfg, path / "config.yaml")
+    run.save_first_stage(model.first_stage, cfg)
+    run.save_ldm(model, None, cond.module, cfg)
+    return path

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from export_helpers import ROOT, class_export_dir, class_run_dir
+from export_helpers import CAPTIONS, ROOT, class_export_dir, class_run_dir, text_run_dir
 from ldm_fast.export.onnx_export import unet_spec
 from ldm_fast.export.runtime import load_deployment, read_manifest
 from ldm_fast.export.tensorrt_build import (TensorRTNotInstalled, make_sidecar, profile_shapes,
@@ -76,6 +76,32 @@ def test_conditioning_inputs_are_checked():
         dep.generate(1, steps=2)
     with pytest.raises(ValueError, match="unexpected"):
         dep.generate(1, steps=2, classes=[1], prompts=["a red circle"])
+
+
+def test_text_conditioning_from_the_exported_encoder_and_tokenizer():
+    """Prompts → tokenizer.json copied into the export → cond_encoder graph, against the torch
+    conditioner; the empty prompt is the null condition."""
+    from ldm_fast.export.__main__ import main
+    from ldm_fast.export.runtime import ExportedConditioner, OrtGraph
+    from ldm_fast.export.onnx_export import GraphSpec
+    from ldm_fast.run import load_model
+    from ldm_fast.tasks import load_conditioner
+
+    out = ROOT / "export_text"
+    assert main(["--ckpt", str(text_run_dir()), "--out", str(out), "--graphs", "cond_encoder"]) == 0
+    m = read_manifest(out)
+    assert m["conditioning"]["tokenizer"] == "tokenizer.json" and (out / "tokenizer.json").is_file()
+    assert all(c["passed"] for c in m["validation"]["cond_encoder"])
+    rec = m["graphs"]["cond_encoder"]
+    graph = OrtGraph(out / rec["file"], GraphSpec.from_json(rec["spec"]))
+    exported = ExportedConditioner(m["conditioning"], graph, out, "cpu")
+    model, state = load_model(text_run_dir())
+    reference = load_conditioner(text_run_dir(), model, state)
+    prompts = [CAPTIONS[1], "a blue zebra"]  # an unseen word: WordPiece pieces or [UNK]
+    (c, u), (rc, ru) = exported.encode_inputs(prompts=prompts), reference.encode_inputs(prompts=prompts)
+    torch.testing.assert_close(c["context"], rc["context"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(u["context"], ru["context"], atol=1e-5, rtol=1e-5)
+    assert exported.inputs == ("prompts",) and exported.supports_guidance
 
 
 def test_deploy_cli_writes_the_grid(tmp_path):
@@ -147,6 +173,25 @@ def test_missing_or_foreign_sidecar(tmp_path):
     sidecar_path(engine).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(EngineMismatch, match="unknown sidecar format"):
         load_engine(engine, environment={"tensorrt_version": "1", "gpu": H100})
+
+
+def test_profiles_and_schedule_records():
+    from ldm_fast.config import get_preset
+    from ldm_fast.diffusion import make_schedule
+    from ldm_fast.export.onnx_export import decoder_spec, encoder_spec
+    from ldm_fast.export.runtime import schedule_from_record
+
+    cfg = get_preset("cin256-ldm-vq-4")
+    prof = profile_shapes(unet_spec(cfg, "fp16"), (1, 2, 8), (32, 64, 96), (32, 64, 128), 4, (1, 1, 1))
+    assert prof["latent"] == [[1, 3, 32, 32], [2, 3, 64, 64], [8, 3, 96, 128]]
+    assert prof["timestep"] == [[1], [2], [8]] and prof["context"][2] == [8, 1, 512]
+    assert profile_shapes(decoder_spec(cfg), (1, 1, 1), (8, 8, 8), (16, 16, 16), 4)["latent"][1] == [1, 3, 8, 16]
+    assert profile_shapes(encoder_spec(cfg), (1, 1, 1), (8, 8, 8), (16, 16, 16), 4)["image"][1] == [1, 3, 32, 64]
+    sched = make_schedule("cosine", 1000, parameterization="v")
+    rec = {"alphas_cumprod": sched.alphas_cumprod.tolist(), "parameterization": "v"}
+    back = schedule_from_record(json.loads(json.dumps(rec)))
+    assert torch.equal(back.alphas_cumprod, sched.alphas_cumprod) and back.parameterization == "v"
+    torch.testing.assert_close(back.betas, sched.betas, atol=1e-12, rtol=0)
 
 
 def _tensorrt_missing() -> str | None:
