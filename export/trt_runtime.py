@@ -165,4 +165,6 @@ class TrtGraph:
                     self._enqueue()
             result = outs[self.outputs[0]].clone()
         torch.cuda.current_stream().wait_stream(self.stream)
+        # Allocated on the side stream, used on the caller's: tell the caching allocator.
+        result.record_stream(torch.cuda.current_stream())
         return result
