@@ -7,6 +7,7 @@ are reused by test_export_onnx.py and test_deploy.py (module-level caches, one p
 
 from __future__ import annotations
 
+import atexit
 import functools
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from ldm_fast.config import save_yaml
 from ldm_fast.model import LatentDiffusion
 
 ROOT = Path(tempfile.mkdtemp(prefix="ldm_fast_export_tests_"))
+atexit.register(shutil.rmtree, ROOT, ignore_errors=True)
 
 
 def shrink(cfg, first_stage: str = "kl"):
