@@ -6,8 +6,8 @@
     python bench/fid_vs_throughput.py --smoke                        # seconds: proves it runs
 
 For every point (sampler, steps, backend) it draws `--samples` images — the same seeds for
-every backend — timing the generation (images/s, decoding included, after an untimed warm-up
-per backend), and measures their distance to held-out images: FD-shapes in the project's own
+every backend — in batches interleaved over the backends, each batch timed (images/s from the
+median per-image time, decoding included, after an untimed warm-up per backend), and measures their distance to held-out images: FD-shapes in the project's own
 feature network (never called FID), and FID when the Inception weights are present
 ($LDM_FID_INCEPTION or --inception). Each distance carries a bootstrap estimate of its sampling
 noise (the std over resamplings of the generated set).
@@ -93,13 +93,23 @@ def train_micro(run_dir: Path, args) -> float:
     return time.perf_counter() - t0
 
 
-def generate_set(runner, size, schedule, sampler: str, steps: int, n: int, batch: int, device) -> torch.Tensor:
-    """n images in batches; batch i uses seed i, so every backend starts from the same noise."""
-    out = []
+def generate_sets(runners, names, size, schedule, sampler: str, steps: int, n: int, batch: int,
+                  device) -> dict:
+    """n images per runner, in batches; batch i uses seed 1000 + i for every runner, so all
+    backends start from the same noise. The batches are interleaved over the runners (batch 1
+    of each, then batch 2, …) and each is timed on its own: a slow spell on a shared machine
+    then hits every backend alike. Returns {name: (images, per-batch seconds, batch sizes)}."""
+    out = {names[id(r)]: ([], [], []) for r in runners}
     for i, start in enumerate(range(0, n, batch)):
-        out.append(tp.sample_images(runner, size, schedule, min(batch, n - start), steps, sampler,
-                                    device, seed=1000 + i).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+        b = min(batch, n - start)
+        for r in runners:
+            dt, images = bl.time_once(lambda: tp._call(r, lambda: tp.sample_images(
+                r, size, schedule, b, steps, sampler, device, seed=1000 + i)), device)
+            imgs, times, sizes = out[names[id(r)]]
+            imgs.append(images.float().clamp(-1, 1).cpu())
+            times.append(dt)
+            sizes.append(b)
+    return {k: (torch.cat(v[0]), v[1], v[2]) for k, v in out.items()}
 
 
 def main(argv=None) -> int:
@@ -110,7 +120,7 @@ def main(argv=None) -> int:
                     f"--quick {QUICK_SWEEP!r})")
     ap.add_argument("--backends", default=None, help="comma list of name:dtype (bench/throughput.py's)")
     ap.add_argument("--samples", type=int, default=None, help="images per point (default 1000; --quick 128)")
-    ap.add_argument("--batch", type=int, default=None, help="images per sampling call (default 100; --quick 64)")
+    ap.add_argument("--batch", type=int, default=None, help="images per sampling call (default 100; --quick 32)")
     ap.add_argument("--reference", type=int, default=None, help="held-out reference images (default 2000; --quick 512)")
     ap.add_argument("--boot", type=int, default=100, help="bootstrap resamplings for the noise estimate")
     ap.add_argument("--train-ae-steps", type=int, default=150, help="micro run (no --ckpt): first-stage steps")
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
         args.train_batch, args.boot = 4, 10
         defaults = (SMOKE_SWEEP, 8, 8, 16)
     elif args.quick:
-        defaults = (QUICK_SWEEP, 128, 64, 512)
+        defaults = (QUICK_SWEEP, 128, 32, 512)
     else:
         defaults = (FULL_SWEEP, 1000, 100, 2000)
     args.sweep = args.sweep or defaults[0]
@@ -196,13 +206,19 @@ def main(argv=None) -> int:
                 runners.remove(r)
 
     results = []
+    names = {id(r): name(r) for r in runners}
     with torch.inference_mode():
         for sampler, steps in points:
+            sets = generate_sets(runners, names, size, base.schedule, sampler, steps, args.samples,
+                                 args.batch, device)
             for r in runners:
-                t_gen, images = bl.time_once(lambda: tp._call(r, lambda: generate_set(
-                    r, size, base.schedule, sampler, steps, args.samples, args.batch, device)), device)
-                row = {"sampler": sampler, "steps": steps, "backend": name(r), "images": args.samples,
-                       "seconds": t_gen, "images_per_s": args.samples / t_gen,
+                images, times, sizes = sets[names[id(r)]]
+                # Throughput from the median per-image time over the timed batches.
+                per_image = sorted(t / b for t, b in zip(times, sizes))
+                row = {"sampler": sampler, "steps": steps, "backend": names[id(r)], "images": args.samples,
+                       "seconds": sum(times), "batch_seconds": times,
+                       "images_per_s": 1 / per_image[len(per_image) // 2] if len(per_image) % 2 else
+                       2 / (per_image[len(per_image) // 2 - 1] + per_image[len(per_image) // 2]),
                        "nfe_per_image": steps + (1 if sampler == "plms" else 0),
                        **probe.score(images, n_boot=args.boot)}
                 results.append(row)
