@@ -18,6 +18,13 @@ What is stored per image depends on the first stage:
 Latents are stored unscaled; the dataset multiplies by the model's scale_factor, so the cache
 survives a change of scale (scale_by_std measures it on the first batch, see `latent_std`).
 
+Use (e.g. in stage-2 training, with `model` the LatentDiffusion whose first stage is frozen):
+
+    build_latent_cache(model.first_stage, train_set, run_dir / "latents", batch_size=64, device=dev)
+    data = LatentCacheDataset(run_dir / "latents", scale_factor=float(model.scale_factor))
+    # scale_by_std: model.scale_factor = 1 / LatentCacheDataset(root).latent_std()
+    for epoch …: data.set_epoch(epoch); batch["latent"] replaces model.encode(batch["image"])
+
 The manifest records a fingerprint of the first stage's weights and the dataset's length:
 `build_latent_cache(..., reuse=True)` returns an existing cache only when both match, and
 rebuilds otherwise, so a retrained first stage never trains on stale latents.
