@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (1 = off; default 3 where the task has a null condition)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     p.add_argument("--nrow", type=int, help="images per grid row")
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
         if conditioner is not None:
             inputs = inputs or heldout_inputs(cfg, conditioner, args.n)
             cond, uncond = conditioner.encode_inputs(**inputs, n=args.n)
+            if args.guidance not in (None, 1.0) and not conditioner.supports_guidance:
+                raise ValueError(f"task {cfg.conditioning.task!r} ({cfg.conditioning.mode}) has no null "
+                                 "condition, so --guidance cannot apply; leave it out")
         elif inputs:
             raise ValueError("this run is unconditional: it takes no task inputs")
         n = next(iter(cond.values())).shape[0] if cond else args.n
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
 
             sampling_model = SRImageGuidance(model, inputs["lr"], scale=args.sr_guidance)
         images, z = generate(sampling_model, n=n, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                             seed=args.seed, cond=cond, uncond=uncond, guidance=args.guidance,
+                             seed=args.seed, cond=cond, uncond=uncond,
+                             guidance=args.guidance if args.guidance is not None else (3.0 if uncond else 1.0),
                              latent_size=latent_size, return_latents=True, tile=args.tile)
         if cfg.conditioning.task == "inpaint":
             images = paste_known(images, inputs["image"].expand_as(images), inputs["mask"].expand(n, -1, -1, -1))

@@ -8,4 +8,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tests run small ops, where a second OpenMP thread gains little and, on a
+# machine shared with other work, spin-waiting threads made them up to 100x slower.
+torch.set_num_threads(1)
