@@ -162,7 +162,12 @@ def main(argv=None) -> int:
     run_dir = Path(args.ckpt) if args.ckpt else work / "micro-run"
     if not args.ckpt:
         if (run_dir / "ldm.safetensors").is_file():
-            provenance["trained_micro_run"] = f"reused the micro run in {run_dir}"
+            from ldm_fast.run import load_config as _cfg
+            tc = _cfg(run_dir)
+            provenance["trained_micro_run"] = (
+                f"no --ckpt given: reused the micro model trained earlier in {run_dir} "
+                f"({tc.train_autoencoder.steps} first-stage + {tc.train_ldm.steps} UNet steps at batch "
+                f"{tc.train_ldm.batch_size}) — its distances say little about a trained model")
         else:
             seconds = train_micro(run_dir, args)
             provenance["trained_micro_run"] = (
