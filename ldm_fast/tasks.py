@@ -452,8 +452,12 @@ def _device_of(model, device):
 def _build_text_encoder(cfg: Config, train_captions, run_dir, strict: bool):
     cc = cfg.conditioning
     if cc.pretrained_text_encoder:
-        enc = FrozenPretrainedTextEncoder(cc.pretrained_text_encoder, cc.max_length, strict)
-        return enc, None, False
+        from ldm_fast.clip_text import FrozenCLIPTextEncoder, is_clip_dir
+
+        # CLIP (Stable Diffusion v1) attends to every position, pads included, with no mask;
+        # BERT-style encoders use their attention mask. Each needs its own wrapper.
+        cls = FrozenCLIPTextEncoder if is_clip_dir(cc.pretrained_text_encoder) else FrozenPretrainedTextEncoder
+        return cls(cc.pretrained_text_encoder, cc.max_length, strict), None, False
     saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
         tokenizer = load_tokenizer(saved)
