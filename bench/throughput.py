@@ -65,8 +65,8 @@ DEFAULT_BACKENDS = {
 # Not in the CPU default (listed as skipped with this reason); measured when asked for.
 CPU_DEFAULT_LEAVES_OUT = {
     ("compile", "fp32"): "not in the CPU default run: Inductor's C++ build of the tiny UNet and "
-                         "decoder took ~80 s + ~50 s per batch size on a 2-core CPU; add "
-                         "compile:fp32 to --backends to measure it",
+                         "decoder took 41-47 s + 23-24 s per batch size on the 2-core CPU (and "
+                         "gained 1.0-1.1x); add compile:fp32 to --backends to measure it",
 }
 DEFAULT_BATCHES = {"cuda": {"tiny": "1,16,64", "sd": "1,4"}, "cpu": {"tiny": "1,8,32", "sd": "1"}}
 CFG_SCALE = 7.5
@@ -192,16 +192,17 @@ def _graphed(fn, example_args: list[torch.Tensor]):
     """Capture fn(*args) as a CUDA graph; the returned callable copies its arguments into the
     captured buffers, replays, and returns a copy of the output (the samplers keep outputs
     across steps, e.g. PLMS's ε history, and the next replay overwrites the buffer)."""
-    static = [a.clone() for a in example_args]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):   # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static)
+    with torch.inference_mode():
+        static = [a.clone() for a in example_args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):   # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*static)
 
     def run(*args):
         for buf, a in zip(static, args):

@@ -63,8 +63,8 @@ def _check_backend(backend: str, device, explicit: bool):
         raise Skip("Triton kernels need CUDA; on CPU they run only under TRITON_INTERPRET=1 "
                    "(numpy: speed meaningless)")
     if backend == "compile" and device.type != "cuda" and not explicit:
-        raise Skip("not in the CPU default run: Inductor's C++ build of forward + backward takes "
-                   "minutes per model on a 2-core CPU; add compile to --backends to measure it")
+        raise Skip("not in the CPU default run: Inductor's C++ build of forward + backward took "
+                   "~60 s per model on the 2-core CPU; add compile to --backends to measure it")
     if backend not in BACKENDS:
         raise SystemExit(f"--backends: unknown backend {backend!r} ({', '.join(BACKENDS)})")
 
