@@ -632,7 +632,11 @@ def main(argv=None) -> int:
     payload = {"benchmark": "throughput", "machine": info, "args": vars(args), "models": models,
                "results": results, "skipped": skipped,
                "notes": _notes(dev), "smoke": args.quick}
-    out = Path(args.out) if args.out else bl.default_out("throughput", info, smoke=args.quick)
+    # The device's default size set writes throughput-<machine>.json; other sets get their own
+    # file (throughput-sd-<machine>.json, …) so a partial run never replaces the full one.
+    default_sizes = "tiny,sd" if dev == "cuda" else "tiny"
+    name = "throughput" if ",".join(sizes) == default_sizes else "throughput-" + "-".join(sizes)
+    out = Path(args.out) if args.out else bl.default_out(name, info, smoke=args.quick)
     bl.write_json(payload, out)
     md = markdown(payload)
     out.with_suffix(".md").write_text(md + "\n")
