@@ -350,7 +350,10 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
                 rec = graphs[name]
                 return R.OrtGraph(folder / rec["file"], E.GraphSpec.from_json(rec["spec"]), providers,
                                   torch.get_num_threads() if not cuda else None)
-            cache[key] = (R.Denoiser(graph("unet")), R.Decoder(graph("decoder")))
+            try:
+                cache[key] = (R.Denoiser(graph("unet")), R.Decoder(graph("decoder")))
+            except Exception as e:  # noqa: BLE001 - e.g. a provider that fails to start
+                raise Skip(f"onnxruntime session failed: {type(e).__name__}: {e}") from None
         unet, decode = cache[key]
         if cuda:
             notes.append("inputs and outputs cross host memory each call (no I/O binding)")
@@ -369,10 +372,13 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
             profile = T.profile_shapes(spec, (b, b, b), (h, h, h), (w, w, w),
                                        max(1, base.cfg.autoencoder.factor), (tokens,) * 3)
             engine = folder / "engines" / f"{name}-b{b}.plan"
-            if not engine.is_file():
-                T.build_engine(folder / graphs[name]["file"], engine, spec, profile,
-                               timing_cache=folder / "engines" / "timing.cache")
-            engines[name] = R.TorchCastGraph(TrtGraph(engine))
+            try:
+                if not engine.is_file():
+                    T.build_engine(folder / graphs[name]["file"], engine, spec, profile,
+                                   timing_cache=folder / "engines" / "timing.cache")
+                engines[name] = R.TorchCastGraph(TrtGraph(engine))
+            except Exception as e:  # noqa: BLE001 - a build failure is this backend's, not the run's
+                raise Skip(f"TensorRT engine for {name} failed: {type(e).__name__}: {e}") from None
         cache[key] = (R.Denoiser(engines["unet"]), R.Decoder(engines["decoder"]))
     unet, decode = cache[key]
     notes.append("strongly typed engines, static profile per batch, CUDA graphs in the runtime")
