@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm_fast import ops
 from ldm_fast.config import AutoencoderConfig
-from ldm_fast.layers import GroupNorm
+from ldm_fast.layers import GroupNorm, Upsample
 
 
 def _norm(channels: int, groups: int, act: bool = False) -> GroupNorm:
@@ -71,17 +71,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest ×2 then 3×3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Level(nn.Module):

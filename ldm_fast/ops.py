@@ -13,7 +13,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 BACKENDS = ("eager", "triton", "auto")
 _backend: str | None = None

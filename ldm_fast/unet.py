@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_fast import ops
 from ldm_fast.config import UNetConfig
-from ldm_fast.layers import GroupNorm, zero_module
+from ldm_fast.layers import GroupNorm, Upsample, zero_module
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -46,15 +46,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ResBlock(nn.Module):
