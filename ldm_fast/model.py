@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from ldm_fast import distributed
 from ldm_fast.autoencoder import build_first_stage
 from ldm_fast.config import Config
 from ldm_fast.diffusion import make_schedule
@@ -59,10 +60,13 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def set_scale_from_latents(self, z_unscaled: torch.Tensor) -> float:
-        """scale_by_std: rescale so that the latents handed to the UNet have unit variance."""
-        value = 1.0 / z_unscaled.flatten().float().std().clamp_min(1e-8)
+        """scale_by_std: rescale so that the latents handed to the UNet have unit variance. The
+        moments are averaged over ranks, so every rank sets the value the global batch gives."""
+        z = z_unscaled.float()
+        moments = distributed.all_reduce_mean(torch.stack([z.mean(), z.pow(2).mean()]))
+        value = float((moments[1] - moments[0] ** 2).clamp_min(1e-16).rsqrt())
         self.scale_factor.fill_(value)
-        return float(value)
+        return value
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """The model the samplers and the loss call: ε (or v) prediction for noisy latents x at t."""

@@ -389,9 +389,7 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                     if not scale_known:
                         # scale_by_std: measured once, on the first batch of stage 2 (paper App. G),
                         # over the global batch so every rank agrees.
-                        moments = distributed.all_reduce_mean(torch.stack([z.float().mean(), z.float().pow(2).mean()]))
-                        value = float((moments[1] - moments[0] ** 2).clamp_min(1e-16).rsqrt())
-                        model.scale_factor.fill_(value)
+                        value = model.set_scale_from_latents(z)
                         z = z * value
                         log.info("ldm: latent scale factor set to %.5f (1/std of the first batch)", value)
                         if ctx.is_main:
