@@ -18,7 +18,7 @@ import torch
 
 from ldm_fast import checkpoint as ckpt
 from ldm_fast.autoencoder import build_first_stage
-from ldm_fast.config import Config, from_dict, load_yaml, to_dict, validate
+from ldm_fast.config import Config, load_yaml, to_dict
 
 
 class RunDir:
@@ -79,7 +79,3 @@ def load_model(run_dir, device="cpu"):
     model.scale_factor.copy_(tensors["scale_factor"])
     cond_state = ckpt.unflatten_state("cond.", tensors)
     return model.to(device).eval(), cond_state
-
-
-def config_from_checkpoint(meta: dict) -> Config:
-    return validate(from_dict(json.loads(meta["config"])))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ldm_fast.config import Config, UNetConfig, get_preset
+from ldm_fast.config import UNetConfig, get_preset
 from ldm_fast.model import EMA, LatentDiffusion
 from ldm_fast.unet import AttentionBlock, SpatialTransformer, UNet, timestep_embedding
 
