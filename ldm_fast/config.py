@@ -83,6 +83,7 @@ class ConditioningConfig:
     label_dropout: float = 0.1            # probability of the null condition during training (CFG)
     sr_factor: int = 4                    # super-resolution upscaling factor
     degradation: str = "bicubic"          # super-resolution: "bicubic" (LDM-SR) or "bsr" (generic, LDM-BSR)
+    layout_grid: int = 32                 # layout: box corners discretised on a grid × grid lattice (grid² position tokens)
 
 
 @dataclass
@@ -269,6 +270,7 @@ def validate(cfg: Config) -> Config:
     _require(df.parameterization in ("eps", "v"), "diffusion.parameterization", f"expected eps|v, got {df.parameterization!r}")
     _require(df.loss in ("l1", "l2"), "diffusion.loss", f"expected l1|l2, got {df.loss!r}")
     _require(df.scale_factor > 0, "diffusion.scale_factor", "must be positive")
+    _require(cond.layout_grid >= 2, "conditioning.layout_grid", f"must be >= 2, got {cond.layout_grid}")
     _require(cfg.kernels in ("eager", "triton", "auto"), "kernels", f"expected eager|triton|auto, got {cfg.kernels!r}")
     _require(cfg.precision in ("fp32", "bf16", "fp16"), "precision", f"expected fp32|bf16|fp16, got {cfg.precision!r}")
     _require(cfg.data.resolution > 0, "data.resolution", "must be positive")

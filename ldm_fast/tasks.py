@@ -510,7 +510,7 @@ def build_conditioner(cfg: Config, model=None, train_captions=None, *, run_dir=N
             parts.append(_ClassPart(cc.num_classes, embedder, device))
         elif cc.task == "layout":
             parts.append(_LayoutPart(LayoutEncoder(cc.num_classes, cc.max_length, cc.embed_dim,
-                                                   cc.n_layers, cc.n_heads), device))
+                                                   cc.n_layers, cc.n_heads, grid=cc.layout_grid), device))
             context_dim = cc.embed_dim
         elif cc.task == "semantic":
             concat_ch = cfg.unet.in_channels - z

@@ -29,6 +29,7 @@ from ldm_fast import checkpoint as ckpt
 from ldm_fast import distributed
 from ldm_fast.autoencoder import build_first_stage
 from ldm_fast.config import Config, TrainConfig, save_yaml, to_dict
+from ldm_fast.data.epoch import EpochIndex
 from ldm_fast.diffusion import diffusion_loss
 from ldm_fast.images import save_grid
 from ldm_fast.losses import AutoencoderLoss
@@ -52,7 +53,8 @@ class ResumableSampler(Sampler):
     """Shuffled indices, epoch e permuted by seed + e, starting at a global sample position.
     With several ranks every global batch of `batch_size × world_size` indices is cut in
     contiguous per-rank slices, so the union over ranks is exactly what one rank with the whole
-    global batch would read. Resuming at step s continues with the batches an unbroken run sees."""
+    global batch would read. Resuming at step s continues with the batches an unbroken run sees.
+    Indices are `EpochIndex` values, so datasets with per-item randomness vary it per epoch."""
 
     def __init__(self, size: int, seed: int, start: int = 0, batch_size: int = 1,
                  ctx: distributed.DistContext = distributed.DistContext()):
@@ -64,7 +66,7 @@ class ResumableSampler(Sampler):
         while True:
             epoch, offset = divmod(position, self.size)
             perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            yield from perm[offset:].tolist()
+            yield from (EpochIndex(i, epoch) for i in perm[offset:].tolist())
             position = (epoch + 1) * self.size
 
     def __iter__(self):

@@ -134,6 +134,15 @@ def test_unet_config_must_fit_the_conditioning():
         build_conditioner(micro("text"))  # no tokenizer file and no captions to train one
 
 
+def test_layout_grid_comes_from_the_config():
+    cfg = micro("layout")
+    cfg.conditioning.layout_grid = 8
+    encoder = build_conditioner(cfg).parts[0].encoder
+    assert encoder.grid == 8 and encoder.pad_id == 64 + cfg.conditioning.num_classes
+    tokens = encoder.tokenize(torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]), torch.tensor([[1]]))
+    assert tokens[0, :3].tolist() == [0, 63, 65]  # top-left cell, bottom-right cell, class 1
+
+
 # ----------------------------------------------------------------------------- the UNet sees it
 
 @pytest.mark.parametrize("task, mode", [tm for tm in ALL if tm[0] != "unconditional"])

@@ -36,6 +36,33 @@ def test_sampler_resumes_mid_epoch():
     full = [i for _, i in zip(range(25), ResumableSampler(10, seed=3))]
     tail = [i for _, i in zip(range(12), ResumableSampler(10, seed=3, start=13))]
     assert full[13:] == tail and sorted(full[:10]) == list(range(10))
+    assert [i.epoch for i in full] == [0] * 10 + [1] * 10 + [2] * 5
+
+
+def test_training_loader_gives_per_item_randomness_a_fresh_draw_each_epoch():
+    # Masks (and SR degradations, cached-latent noise) are seeded by (seed, epoch, index): the
+    # loader's indices carry the epoch, also through worker processes, so item 0 is masked
+    # differently in its second pass, and the same way again when the run is resumed.
+    from ldm_fast.config import TrainConfig
+    from ldm_fast.data.masks import InpaintingPairs
+    from ldm_fast.distributed import DistContext
+    from ldm_fast.training import make_loader
+
+    ds = InpaintingPairs(ProceduralShapes(4, 16), "fraction", (0.3, 0.6), seed=0)
+    tc = TrainConfig(batch_size=4)
+
+    def masks(start_step, steps, workers=0):
+        loader = iter(make_loader(ds, tc, seed=1, step=start_step, num_workers=workers, ctx=DistContext()))
+        out = []
+        for _ in range(steps):
+            batch = next(loader)
+            out.append(batch["mask"][batch["image"].flatten(1).sum(1).argsort()])  # item order
+        return out
+
+    e0, e1, e2 = masks(0, 3)
+    assert not torch.equal(e0, e1) and not torch.equal(e1, e2)
+    assert torch.equal(masks(1, 1)[0], e1)                 # resumed at step 1: epoch 1's masks
+    assert torch.equal(masks(0, 2, workers=1)[1], e1)      # indices keep their epoch across pickling
 
 
 def test_interrupted_and_resumed_runs_end_with_the_same_weights(tmp_path):

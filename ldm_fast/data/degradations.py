@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .epoch import epoch_of
+
 MODES = ("bicubic", "bsr")
 INTERPOLATIONS = ("area", "bilinear", "bicubic")
 
@@ -214,7 +216,8 @@ class SuperResolutionPairs(Dataset):
     """Wraps a dataset of {'image', ...} and adds 'lr': its degraded (3, H/f, W/f) version.
 
     The degradation of item i is drawn from (seed, epoch, i): reproducible, and fresh each
-    epoch after `set_epoch` (as a sampler's set_epoch would be called by the training loop).
+    epoch — the epoch comes with the index from the training sampler (ldm_fast.data.epoch),
+    or from `set_epoch` for plain int indices.
     """
 
     def __init__(self, dataset: Dataset, mode: str = "bicubic", factor: int = 4, seed: int = 0):
@@ -230,6 +233,6 @@ class SuperResolutionPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = dict(self.dataset[index])
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        rng = np.random.default_rng([self.seed, epoch_of(index, self.epoch), int(index)])
         item["lr"] = degrade(item["image"], self.mode, self.factor, rng)
         return item

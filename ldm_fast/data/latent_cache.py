@@ -23,7 +23,7 @@ Use (e.g. in stage-2 training, with `model` the LatentDiffusion whose first stag
     build_latent_cache(model.first_stage, train_set, run_dir / "latents", batch_size=64, device=dev)
     data = LatentCacheDataset(run_dir / "latents", scale_factor=float(model.scale_factor))
     # scale_by_std: model.scale_factor = 1 / LatentCacheDataset(root).latent_std()
-    for epoch …: data.set_epoch(epoch); batch["latent"] replaces model.encode(batch["image"])
+    # train_ldm: batch["latent"] replaces model.encode(batch["image"]); fresh noise each epoch
 
 The manifest records a fingerprint of the first stage's weights and the dataset's length:
 `build_latent_cache(..., reuse=True)` returns an existing cache only when both match, and
@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .epoch import epoch_of
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -227,8 +229,9 @@ class LatentCacheDataset(Dataset):
     """Items {'latent': (C, h, w) float32 · scale_factor, <annotation>: …} from a cache.
 
     posterior: "sample" draws z = mean + std·ε for KL caches (ε from a generator seeded by
-    (seed, epoch, index), so a run is reproducible and resumable; call `set_epoch` each epoch
-    for fresh noise), "mean" returns the posterior mean. Deterministic caches ignore it.
+    (seed, epoch, index), so a run is reproducible and resumable; the training sampler's indices
+    carry the epoch (ldm_fast.data.epoch), `set_epoch` sets it for plain ints), "mean" returns
+    the posterior mean. Deterministic caches ignore it.
     Chunks are memory-mapped and read row by row; file handles are opened lazily per process,
     so DataLoader workers each open their own."""
 
@@ -271,7 +274,8 @@ class LatentCacheDataset(Dataset):
         return self._handles[k], self._strings[k]
 
     def _noise_generator(self, index: int) -> torch.Generator:
-        key = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % (2 ** 63)
+        epoch = epoch_of(index, self.epoch)
+        key = ((self.seed * 1_000_003 + epoch) * 1_000_000_007 + int(index)) % (2 ** 63)
         return torch.Generator().manual_seed(key)
 
     def raw(self, index: int) -> dict:

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from .degradations import GeneratorLike, as_numpy_rng
+from .epoch import epoch_of
 
 MASK_KINDS = ("box", "stroke", "fraction")
 
@@ -166,7 +167,8 @@ def apply_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class InpaintingPairs(Dataset):
     """Wraps a dataset of {'image', ...} and adds 'mask' (1, H, W) and 'masked_image' (3, H, W).
 
-    The mask of item i is drawn from (seed, epoch, i); call `set_epoch` for fresh masks each epoch.
+    The mask of item i is drawn from (seed, epoch, i): fresh each epoch, the epoch coming with
+    the index from the training sampler (ldm_fast.data.epoch), or from `set_epoch` for plain ints.
     """
 
     def __init__(self, dataset: Dataset, kind: str = "fraction", fraction: tuple[float, float] = (0.4, 0.5),
@@ -184,7 +186,7 @@ class InpaintingPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = dict(self.dataset[index])
         h, w = item["image"].shape[-2:]
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        rng = np.random.default_rng([self.seed, epoch_of(index, self.epoch), int(index)])
         item["mask"] = random_mask(h, w, self.kind, rng, self.fraction)
         item["masked_image"] = apply_mask(item["image"], item["mask"])
         return item
