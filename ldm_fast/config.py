@@ -101,10 +101,11 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     dataset: str = "procedural"           # "procedural", "folder" or "shards"
-    root: str = ""                        # image folder or shard pattern
+    root: str = ""                        # image folder, or training shards as a brace pattern ('d/train-{000..099}.tar')
+    heldout_root: str = ""                # shards: held-out shard pattern; "" holds out the last training shard
     resolution: int = 256                 # image side
     num_samples: int = 50000              # procedural: training images
-    heldout_samples: int = 256            # procedural: held-out images for evaluation
+    heldout_samples: int = 256            # held-out images for evaluation (folder: at most a tenth)
     seed: int = 0                         # procedural: content seed
     num_workers: int = 0                  # DataLoader workers
 

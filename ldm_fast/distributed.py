@@ -97,6 +97,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / ctx.world_size
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (small, picklable: e.g. data positions for a checkpoint), in rank order."""
+    if not current().enabled:
+        return [obj]
+    out = [None] * current().world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if current().enabled:
         dist.barrier()

@@ -74,7 +74,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ops.set_backend(args.kernels)
-    _, heldout = build_datasets(cfg.data)
+    from ldm_fast.tasks import task_fields
+
+    _, heldout = build_datasets(cfg.data, task_fields(cfg))
     reference = heldout_images(heldout, args.n)
     results = {"n": len(reference)}
     if cfg.autoencoder.kind != "identity":

@@ -30,7 +30,7 @@ from ldm_fast.data.build import build_datasets
 from ldm_fast.images import save_grid
 from ldm_fast.run import load_model
 from ldm_fast.samplers import SAMPLERS
-from ldm_fast.tasks import load_conditioner, paste_known, task_dataset
+from ldm_fast.tasks import load_conditioner, paste_known, task_dataset, task_fields
 
 
 def parse_args(argv=None):
@@ -98,7 +98,7 @@ def user_inputs(args) -> dict:
 
 def heldout_inputs(cfg, conditioner, n: int) -> dict:
     """Inputs taken from held-out procedural items, for each name the conditioner needs."""
-    _, heldout = build_datasets(cfg.data)
+    _, heldout = build_datasets(cfg.data, task_fields(cfg))
     items = [task_dataset(cfg, heldout)[i] for i in range(min(n, len(heldout)))]
     take = {
         "classes": lambda: torch.stack([it["label"] for it in items]),

@@ -146,19 +146,34 @@ TASK_PRESETS = {f"tiny-{t}": (lambda t=t: tiny_task_config(t)) for t in TASKS}
 
 # ----------------------------------------------------------------------------- data
 
+# The annotations each task's conditioner reads from a batch (besides the image).
+TASK_FIELDS = {"unconditional": (), "class": ("label",), "text": ("caption",), "layout": ("boxes", "box_labels"),
+               "semantic": ("segmentation",), "sr": (), "inpaint": ()}
+
+
+def task_fields(cfg: Config) -> tuple[str, ...]:
+    """Fields a data source must provide for cfg's task (hybrid modes add the caption)."""
+    fields = TASK_FIELDS[cfg.conditioning.task]
+    return (*fields, "caption") if cfg.conditioning.mode == "hybrid" else fields
+
+
 def task_dataset(cfg: Config, dataset: Dataset, seed: int | None = None) -> Dataset:
-    """The training / evaluation pairs a task needs on top of {'image', ...}."""
+    """The training / evaluation pairs a task needs on top of {'image', ...}. A shard stream
+    gets the same pairing as a per-sample transform."""
     from ldm_fast.data.degradations import SuperResolutionPairs
     from ldm_fast.data.masks import InpaintingPairs
+    from ldm_fast.data.stream import ShardStream
 
     cc = cfg.conditioning
     seed = cfg.data.seed if seed is None else seed
     if cc.task == "sr":
-        return SuperResolutionPairs(dataset, cc.degradation, cc.sr_factor, seed)
-    if cc.task == "inpaint":
+        pairs = SuperResolutionPairs(dataset, cc.degradation, cc.sr_factor, seed)
+    elif cc.task == "inpaint":
         # Boxes and strokes covering 10–60%: a spread around the 40–50% of the evaluation.
-        return InpaintingPairs(dataset, kind="fraction", fraction=(0.1, 0.6), seed=seed)
-    return dataset
+        pairs = InpaintingPairs(dataset, kind="fraction", fraction=(0.1, 0.6), seed=seed)
+    else:
+        return dataset
+    return dataset.with_transform(pairs.add_to) if isinstance(dataset, ShardStream) else pairs
 
 
 def dataset_captions(dataset: Dataset, limit: int = 2000) -> list[str]:
@@ -166,8 +181,12 @@ def dataset_captions(dataset: Dataset, limit: int = 2000) -> list[str]:
     from ldm_fast.data.degradations import SuperResolutionPairs
     from ldm_fast.data.masks import InpaintingPairs
 
+    from ldm_fast.data.stream import ShardStream
+
     if isinstance(dataset, (SuperResolutionPairs, InpaintingPairs)):
         dataset = dataset.dataset  # the captions are the wrapped items'; skip degrading/masking
+    if isinstance(dataset, ShardStream):  # the same first samples on every rank and worker
+        dataset = dataset.first_samples(limit)
     out = []
     for i in range(min(limit, len(dataset))):
         item = dataset[i]

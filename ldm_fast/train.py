@@ -19,7 +19,7 @@ from ldm_fast.checkpoint import list_checkpoints
 from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
 from ldm_fast.data.build import build_datasets
 from ldm_fast.run import RunDir, load_config, load_first_stage
-from ldm_fast.tasks import TASK_PRESETS, TASKS, build_conditioner, dataset_captions, task_dataset
+from ldm_fast.tasks import TASK_PRESETS, TASKS, build_conditioner, dataset_captions, task_dataset, task_fields
 
 
 def parse_args(argv=None):
@@ -107,7 +107,7 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
     if ctx.is_main:
         save_config(cfg, run)
         print(f"run directory: {run.path.resolve()}" + (f" ({ctx.world_size} ranks)" if ctx.enabled else ""))
-    train_set, heldout = build_datasets(cfg.data)
+    train_set, heldout = build_datasets(cfg.data, task_fields(cfg))
     progress = not args.no_progress
     try:
         if "autoencoder" in stages:

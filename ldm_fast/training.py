@@ -30,6 +30,7 @@ from ldm_fast import distributed
 from ldm_fast.autoencoder import build_first_stage
 from ldm_fast.config import Config, TrainConfig, save_yaml, to_dict
 from ldm_fast.data.epoch import EpochIndex
+from ldm_fast.data.stream import PositionTracker, ShardStream
 from ldm_fast.diffusion import diffusion_loss
 from ldm_fast.images import save_grid
 from ldm_fast.losses import AutoencoderLoss
@@ -81,7 +82,14 @@ class ResumableSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, tc: TrainConfig, seed: int, step: int, num_workers: int,
-                ctx: distributed.DistContext) -> DataLoader:
+                ctx: distributed.DistContext, data_state: dict | None = None):
+    """Batches from `step` on. A map-style dataset is indexed by ResumableSampler (its place
+    follows from the step); a shard stream resumes from `data_state`, the positions stored in
+    the checkpoint, and the returned PositionTracker reports them for the next one."""
+    if isinstance(dataset, ShardStream):
+        loader = DataLoader(dataset.resume(data_state), batch_size=tc.batch_size, num_workers=num_workers,
+                            persistent_workers=num_workers > 0)
+        return PositionTracker(loader, ctx.world_size * max(1, num_workers), num_workers, data_state)
     start = step * tc.grad_accum * tc.batch_size * ctx.world_size
     sampler = ResumableSampler(len(dataset), seed, start, tc.batch_size, ctx)
     # Its own generator: creating the iterator would otherwise draw from the global RNG and
@@ -210,9 +218,17 @@ class _Loop:
         self.bar.close()
 
 
-def _save_then_maybe_stop(loop: _Loop, save, step: int, sigterm: _SigtermFlag) -> None:
+def _data_state(batches) -> str | None:
+    """The data position to store in a checkpoint, as JSON (collective: call on every rank)."""
+    if not isinstance(batches, PositionTracker):
+        return None  # map-style data: the position follows from the step
+    return json.dumps(batches.state(distributed.all_gather_object))
+
+
+def _save_then_maybe_stop(loop: _Loop, save, step: int, sigterm: _SigtermFlag, batches) -> None:
+    data_state = _data_state(batches)
     if loop.ctx.is_main:
-        save(step + 1)
+        save(step + 1, data_state)
     distributed.barrier()
     if sigterm.raised:
         loop.close()
@@ -239,7 +255,7 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
     opt_g = torch.optim.Adam(gen_params, lr=tc.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    start = 0
+    start, data_state = 0, None
     if resume and (found := ckpt.latest_valid(run.stage_dir("autoencoder"))):
         path, tensors, meta = found
         model.load_state_dict(ckpt.unflatten_state("model.", tensors))
@@ -247,10 +263,10 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
         ckpt.optimizer_from_tensors("opt_g.", opt_g, tensors, meta["opt_g"])
         ckpt.optimizer_from_tensors("opt_d.", opt_d, tensors, meta["opt_d"])
         _restore_rng(tensors, generator)
-        start = int(meta["step"])
+        start, data_state = int(meta["step"]), json.loads(meta.get("data", "null"))
         log.info("autoencoder: resumed from %s at step %d", path, start)
 
-    def save(step: int):
+    def save(step: int, data_state: str | None):
         if not _all_finite(model):
             log.error("autoencoder: parameters are not finite at step %d; checkpoint NOT written", step)
             return
@@ -259,15 +275,16 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
         tensors = {**ckpt.flatten_state("model.", model.state_dict()),
                    **ckpt.flatten_state("disc.", disc.state_dict()),
                    **t_g, **t_d, **_rng_tensors(generator)}
+        meta = {"step": step, "opt_g": j_g, "opt_d": j_d, "config": json.dumps(to_dict(cfg))}
         ckpt.save_checkpoint(ckpt.checkpoint_path(run.stage_dir("autoencoder"), step), tensors,
-                             {"step": step, "opt_g": j_g, "opt_d": j_d, "config": json.dumps(to_dict(cfg))})
+                             {**meta, **({"data": data_state} if data_state else {})})
         ckpt.prune(run.stage_dir("autoencoder"), tc.keep_last)
 
     # The generator is wrapped in DDP; the discriminator is called several times per step
     # (real, fake, and inside the generator loss), so its gradients are averaged by hand.
     wrapped = _wrap(model, tc, ctx, device)
     loop = _Loop("autoencoder", tc, run, start, progress, ctx)
-    batches = iter(make_loader(train_set, tc, cfg.seed, start, cfg.data.num_workers, ctx))
+    batches = iter(make_loader(train_set, tc, cfg.seed, start, cfg.data.num_workers, ctx, data_state))
     model.train()
     logvar = getattr(model, "logvar", None)
     f, z_ch = cfg.autoencoder.factor, cfg.autoencoder.z_channels
@@ -310,7 +327,7 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
                     opt_d.step()
             loop.log(step, logs)
             if loop.should_save(step, sigterm):
-                _save_then_maybe_stop(loop, save, step, sigterm)
+                _save_then_maybe_stop(loop, save, step, sigterm, batches)
     loop.close()
     model.eval()
     if ctx.is_main:
@@ -342,7 +359,8 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(model.unet, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    start, scale_known = 0, not (cfg.diffusion.scale_by_std and cfg.autoencoder.kind == "kl")
+    start, data_state = 0, None
+    scale_known = not (cfg.diffusion.scale_by_std and cfg.autoencoder.kind == "kl")
     if resume and (found := ckpt.latest_valid(run.stage_dir("ldm"))):
         path, tensors, meta = found
         model.unet.load_state_dict(ckpt.unflatten_state("unet.", tensors))
@@ -354,9 +372,10 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
         ckpt.optimizer_from_tensors("opt.", opt, tensors, meta["opt"])
         _restore_rng(tensors, generator)
         start, scale_known = int(meta["step"]), True
+        data_state = json.loads(meta.get("data", "null"))
         log.info("ldm: resumed from %s at step %d", path, start)
 
-    def save(step: int):
+    def save(step: int, data_state: str | None):
         if not _all_finite(model.unet):
             log.error("ldm: parameters are not finite at step %d; checkpoint NOT written", step)
             return
@@ -367,14 +386,15 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
             tensors.update(ckpt.flatten_state("ema.", ema.state_dict()))
         if cond_module is not None:
             tensors.update(ckpt.flatten_state("cond.", cond_module.state_dict()))
+        meta = {"step": step, "opt": j_opt, "config": json.dumps(to_dict(cfg))}
         ckpt.save_checkpoint(ckpt.checkpoint_path(run.stage_dir("ldm"), step), tensors,
-                             {"step": step, "opt": j_opt, "config": json.dumps(to_dict(cfg))})
+                             {**meta, **({"data": data_state} if data_state else {})})
         ckpt.prune(run.stage_dir("ldm"), tc.keep_last)
 
     unet = model.unet
     model.unet = _wrap(unet, tc, ctx, device)  # LatentDiffusion.forward now goes through DDP
     loop = _Loop("ldm", tc, run, start, progress, ctx)
-    batches = iter(make_loader(train_set, tc, cfg.seed + 1, start, cfg.data.num_workers, ctx))
+    batches = iter(make_loader(train_set, tc, cfg.seed + 1, start, cfg.data.num_workers, ctx, data_state))
     model.train()
     T = model.schedule.num_timesteps
     try:
@@ -421,7 +441,7 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                         ema.update(unet)
                 loop.log(step, logs)
                 if loop.should_save(step, sigterm):
-                    _save_then_maybe_stop(loop, save, step, sigterm)
+                    _save_then_maybe_stop(loop, save, step, sigterm, batches)
     finally:
         model.unet = unet
     loop.close()

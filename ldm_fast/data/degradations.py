@@ -232,7 +232,11 @@ class SuperResolutionPairs(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.dataset[index])
         rng = np.random.default_rng([self.seed, epoch_of(index, self.epoch), int(index)])
+        return self.add_to(self.dataset[index], rng)
+
+    def add_to(self, item: dict, rng: np.random.Generator) -> dict:
+        """`item` plus its 'lr' drawn from `rng` (also used on streamed shard samples)."""
+        item = dict(item)
         item["lr"] = degrade(item["image"], self.mode, self.factor, rng)
         return item

@@ -184,9 +184,13 @@ class InpaintingPairs(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.dataset[index])
-        h, w = item["image"].shape[-2:]
         rng = np.random.default_rng([self.seed, epoch_of(index, self.epoch), int(index)])
+        return self.add_to(self.dataset[index], rng)
+
+    def add_to(self, item: dict, rng: np.random.Generator) -> dict:
+        """`item` plus 'mask' and 'masked_image' drawn from `rng` (also used on streamed samples)."""
+        item = dict(item)
+        h, w = item["image"].shape[-2:]
         item["mask"] = random_mask(h, w, self.kind, rng, self.fraction)
         item["masked_image"] = apply_mask(item["image"], item["mask"])
         return item
