@@ -117,7 +117,7 @@ class TrainConfig:
     grad_accum: int = 1                   # micro-batches accumulated per optimisation step
     lr: float = 1e-4                      # peak learning rate (per global batch when scale_lr is off)
     scale_lr: bool = False                # lr × ranks × grad_accum (the original code's rule: base lr per batch_size images)
-    strategy: str = "ddp"                 # multi-process wrapping: "ddp" (DistributedDataParallel) or "fsdp" (CUDA only)
+    strategy: str = "ddp"                 # multi-process: "ddp" (DistributedDataParallel) or "fsdp" (sharded UNet; train_ldm only)
     cached_latents: str = ""              # LDM: folder of first-stage latents encoded once (made on first use); "" = encode every step
     weight_decay: float = 0.0             # AdamW weight decay
     warmup_steps: int = 0                 # linear warm-up
@@ -291,6 +291,8 @@ def validate(cfg: Config) -> Config:
         _require(tc.keep_last > 0, f"{name}.keep_last", "must be positive")
         _require(tc.grad_accum > 0, f"{name}.grad_accum", "must be positive")
         _require(tc.strategy in ("ddp", "fsdp"), f"{name}.strategy", f"expected ddp|fsdp, got {tc.strategy!r}")
+    _require(cfg.train_autoencoder.strategy == "ddp", "train_autoencoder.strategy",
+             "fsdp shards the LDM's UNet only; first stages fit one device, train them with ddp")
     return cfg
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ldm_fast import checkpoint as ckpt
-from ldm_fast import distributed
+from ldm_fast import distributed, fsdp
 from ldm_fast.autoencoder import build_first_stage
 from ldm_fast.config import Config, TrainConfig, save_yaml, to_dict
 from ldm_fast.data.epoch import EpochIndex
@@ -137,14 +137,18 @@ def _all_finite(module: torch.nn.Module) -> bool:
 
 
 def _wrap(module: torch.nn.Module, tc: TrainConfig, ctx: distributed.DistContext, device: torch.device):
-    """DDP (default) or FSDP around a trainable module; the module itself in a world of one."""
-    if not ctx.enabled:
+    """DDP around a trainable module; the module itself in a world of one or when it is
+    already sharded by FSDP (train_ldm shards before building the optimizer, ldm_fast.fsdp)."""
+    if not ctx.enabled or fsdp.is_sharded(module):
         return module
-    if tc.strategy == "fsdp":
-        # Not yet: checkpoints would need FSDP's full-state-dict gathering, and no machine here
-        # has several GPUs to prove it. Refuse rather than train something that cannot be saved.
-        raise NotImplementedError("strategy=fsdp is not supported yet; use strategy=ddp")
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _no_sync(wrapped: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) of a non-final micro-batch."""
+    if sync:
+        return nullcontext()
+    return fsdp.no_gradient_sync(wrapped) if fsdp.is_sharded(wrapped) else wrapped.no_sync()
 
 
 class _SigtermFlag:
@@ -227,8 +231,7 @@ def _data_state(batches) -> str | None:
 
 def _save_then_maybe_stop(loop: _Loop, save, step: int, sigterm: _SigtermFlag, batches) -> None:
     data_state = _data_state(batches)
-    if loop.ctx.is_main:
-        save(step + 1, data_state)
+    save(step + 1, data_state)  # every rank: FSDP gathers shards; only rank 0 writes
     distributed.barrier()
     if sigterm.raised:
         loop.close()
@@ -267,6 +270,8 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
         log.info("autoencoder: resumed from %s at step %d", path, start)
 
     def save(step: int, data_state: str | None):
+        if not ctx.is_main:
+            return
         if not _all_finite(model):
             log.error("autoencoder: parameters are not finite at step %d; checkpoint NOT written", step)
             return
@@ -355,35 +360,47 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
     torch.manual_seed(cfg.seed + 1)
     model = LatentDiffusion(cfg, first_stage).to(device)
     cond_module = getattr(conditioner, "module", None)
-    params = list(model.unet.parameters()) + (list(cond_module.parameters()) if cond_module else [])
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(model.unet, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
+    sharded = ctx.enabled and tc.strategy == "fsdp"
+    if sharded:  # before the optimizer sees the parameters: they become shards
+        fsdp.shard_unet(model.unet)
+        if ema is not None:
+            fsdp.shard_unet(ema.module)
+    unet_params = list(model.unet.parameters())
+    cond_params = list(cond_module.parameters()) if cond_module else []
+    params = unet_params + cond_params
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     start, data_state = 0, None
     scale_known = not (cfg.diffusion.scale_by_std and cfg.autoencoder.kind == "kl")
     if resume and (found := ckpt.latest_valid(run.stage_dir("ldm"))):
         path, tensors, meta = found
-        model.unet.load_state_dict(ckpt.unflatten_state("unet.", tensors))
+        fsdp.load_full_state_dict(model.unet, ckpt.unflatten_state("unet.", tensors))
         model.scale_factor.copy_(tensors["scale_factor"])
         if ema is not None:
-            ema.load_state_dict(ckpt.unflatten_state("ema.", tensors))
+            fsdp.load_full_state_dict(ema, ckpt.unflatten_state("ema.", tensors))
         if cond_module is not None:
             cond_module.load_state_dict(ckpt.unflatten_state("cond.", tensors))
-        ckpt.optimizer_from_tensors("opt.", opt, tensors, meta["opt"])
+        fsdp.optimizer_from_tensors("opt.", opt, tensors, meta["opt"])
         _restore_rng(tensors, generator)
         start, scale_known = int(meta["step"]), True
         data_state = json.loads(meta.get("data", "null"))
         log.info("ldm: resumed from %s at step %d", path, start)
 
     def save(step: int, data_state: str | None):
-        if not _all_finite(model.unet):
+        # Gathered on every rank (FSDP shards; plain modules just copy), written by rank 0.
+        unet_state = fsdp.full_state_dict(model.unet)
+        t_opt, j_opt = fsdp.optimizer_to_tensors("opt.", opt)
+        ema_state = fsdp.full_state_dict(ema) if ema is not None else None
+        if not ctx.is_main:
+            return
+        if not all(torch.isfinite(v).all() for v in unet_state.values() if v.is_floating_point()):
             log.error("ldm: parameters are not finite at step %d; checkpoint NOT written", step)
             return
-        t_opt, j_opt = ckpt.optimizer_to_tensors("opt.", opt)
-        tensors = {**ckpt.flatten_state("unet.", model.unet.state_dict()), **t_opt,
+        tensors = {**ckpt.flatten_state("unet.", unet_state), **t_opt,
                    "scale_factor": model.scale_factor, **_rng_tensors(generator)}
-        if ema is not None:
-            tensors.update(ckpt.flatten_state("ema.", ema.state_dict()))
+        if ema_state is not None:
+            tensors.update(ckpt.flatten_state("ema.", ema_state))
         if cond_module is not None:
             tensors.update(ckpt.flatten_state("cond.", cond_module.state_dict()))
         meta = {"step": step, "opt": j_opt, "config": json.dumps(to_dict(cfg))}
@@ -420,8 +437,7 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                     t = distributed.randint_global(T, z.shape[0], generator, ctx, device)
                     noise = distributed.randn_global(z.shape, generator, ctx, device)
                     sync = micro == tc.grad_accum - 1 or not ctx.enabled
-                    no_sync = model.unet.no_sync() if not sync else nullcontext()
-                    with _autocast(device, cfg.precision), no_sync:
+                    with _autocast(device, cfg.precision), _no_sync(model.unet, sync):
                         cond = conditioner(batch, generator) if conditioner else {}
                         loss = diffusion_loss(model, z, model.schedule, cond=cond, loss_type=cfg.diffusion.loss,
                                               t=t, noise=noise)
@@ -434,7 +450,9 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
                     if cond_module is not None:
                         # τθ is reached through the conditioner, not through DDP: average by hand.
                         distributed.average_gradients(cond_module.parameters())
-                    if tc.grad_clip:
+                    if tc.grad_clip and sharded:
+                        logs["grad_norm"] = fsdp.clip_grad_norm(unet_params, cond_params, tc.grad_clip)
+                    elif tc.grad_clip:
                         logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     opt.step()
                     if ema is not None:
@@ -445,10 +463,24 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
     finally:
         model.unet = unet
     loop.close()
+    if sharded:  # what callers (sampling, evaluation) get is a plain model, on every rank
+        model, ema = _unsharded(cfg, first_stage, model, ema, device)
     model.eval()
     if ctx.is_main:
         run.save_ldm(model, ema, cond_module, cfg)
     return model, ema
+
+
+def _unsharded(cfg: Config, first_stage, model: LatentDiffusion, ema: EMA | None, device):
+    """Plain copies of an FSDP-trained model and its EMA (collective: gathers every shard)."""
+    plain = LatentDiffusion(cfg, first_stage).to(device)
+    plain.unet.load_state_dict(fsdp.full_state_dict(model.unet))
+    plain.scale_factor.copy_(model.scale_factor)
+    plain_ema = None
+    if ema is not None:
+        plain_ema = EMA(plain.unet, ema.decay).to(device)
+        plain_ema.load_state_dict(fsdp.full_state_dict(ema))
+    return plain, plain_ema
 
 
 def _latents(model: LatentDiffusion, batch: dict, generator, ctx, device) -> torch.Tensor:

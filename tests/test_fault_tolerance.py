@@ -133,3 +133,19 @@ def test_two_gloo_ranks_training_on_shards_resume_exactly(tmp_path):
     full, _ = load_checkpoint(tmp_path / "full" / "autoencoder.safetensors")
     split, _ = load_checkpoint(tmp_path / "split" / "autoencoder.safetensors")
     assert_same(full, split)
+
+
+def test_fsdp_ldm_matches_one_rank_and_resumes_exactly(reference, tmp_path):
+    # The UNet sharded over 2 gloo ranks (FSDP2) trains as 1 rank with the whole batch does;
+    # stopping at step 4 and resuming gathers and re-scatters parameters, EMA and moments.
+    config, expected = reference
+    half = write_config(tmp_path, batch_size=2)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+                "-m", "ldm_fast.train")
+    out = tmp_path / "run"
+    assert run(train_cmd(config, out, "--stage", "autoencoder")).returncode == 0
+    for extra in (("--steps", "4"), ("--resume",)):
+        result = run(train_cmd(half, out, "--stage", "ldm", "--set", "train_ldm.strategy=fsdp", *extra,
+                               launcher=launcher))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same(weights(out), expected, atol=2e-4)
