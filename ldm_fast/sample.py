@@ -97,9 +97,11 @@ def user_inputs(args) -> dict:
 
 
 def heldout_inputs(cfg, conditioner, n: int) -> dict:
-    """Inputs taken from held-out procedural items, for each name the conditioner needs."""
+    """Inputs taken from held-out items, for each name the conditioner needs (cycled when the
+    held-out set is smaller than n)."""
     _, heldout = build_datasets(cfg.data, task_fields(cfg))
-    items = [task_dataset(cfg, heldout)[i] for i in range(min(n, len(heldout)))]
+    paired = task_dataset(cfg, heldout)
+    items = [paired[i % len(heldout)] for i in range(n)]
     take = {
         "classes": lambda: torch.stack([it["label"] for it in items]),
         "prompts": lambda: [it["caption"] for it in items],
