@@ -6,8 +6,9 @@ Both share the same skeleton (`_Loop`):
   N times the batch and a resumed run matches an unbroken one;
 - a non-finite loss (on any rank) skips the step and is counted; too many in a row stop the run
   with the last good checkpoint intact;
-- checkpoints carry model, optimizer, EMA, step and RNG state, written by rank 0 only, also on
-  SIGTERM (preemption) before the process exits;
+- checkpoints carry model, optimizer, EMA, step, RNG state and, for shard streams, the data
+  position; written by rank 0 only (FSDP shards gathered first), also on SIGTERM (preemption)
+  before the process exits;
 - metrics go to `metrics.jsonl` and a tqdm bar (rank 0).
 """
 
@@ -388,7 +389,9 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
         log.info("ldm: resumed from %s at step %d", path, start)
 
     def save(step: int, data_state: str | None):
-        # Gathered on every rank (FSDP shards; plain modules just copy), written by rank 0.
+        # FSDP: every rank takes part in gathering the shards; rank 0 writes.
+        if not (ctx.is_main or sharded):
+            return
         unet_state = fsdp.full_state_dict(model.unet)
         t_opt, j_opt = fsdp.optimizer_to_tensors("opt.", opt)
         ema_state = fsdp.full_state_dict(ema) if ema is not None else None
