@@ -141,13 +141,20 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
 
 def _cached(cfg, first_stage, dataset, device, progress):
     """Encode the training set once with the frozen first stage (reused while the first stage's
-    weights and the dataset size are unchanged) and train on the stored latents."""
+    weights and the dataset size, or shard list, are unchanged) and train on the stored latents.
+    Every rank encodes its share (build_latent_cache splits the work and synchronises)."""
     from ldm_fast.data.latent_cache import LatentCacheDataset, build_latent_cache
+    from ldm_fast.data.stream import ShardStream
 
-    distributed.barrier()
-    if distributed.current().is_main:
-        build_latent_cache(first_stage, dataset, cfg.train_ldm.cached_latents, device=device, progress=progress)
-    distributed.barrier()
+    if isinstance(dataset, ShardStream):
+        if dataset.transforms:
+            # The task's pairs (SR degradations, inpainting masks) are drawn per sample while
+            # streaming; one_pass yields the samples without them, so a cache would lack them.
+            raise ValueError(f"train_ldm.cached_latents: the {cfg.conditioning.task!r} task draws its "
+                             "inputs per streamed sample, which a latent cache of data.dataset=shards "
+                             "does not store; unset train_ldm.cached_latents or train from an image folder")
+        dataset = dataset.one_pass()  # the stream is endless: encode each listed shard once, in order
+    build_latent_cache(first_stage, dataset, cfg.train_ldm.cached_latents, device=device, progress=progress)
     # Unscaled latents: train_ldm applies (and on the first batch measures) the scale factor.
     return LatentCacheDataset(cfg.train_ldm.cached_latents, scale_factor=1.0, seed=cfg.seed)
 

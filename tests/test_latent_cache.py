@@ -2,6 +2,10 @@
 survive, chunks and manifest are consistent, stale or incomplete caches are rebuilt."""
 
 import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from ldm_fast.config import AutoencoderConfig
 from ldm_fast.data.latent_cache import (LatentCacheDataset, LatentCacheError, build_latent_cache,
                                         first_stage_fingerprint, read_manifest)
 from ldm_fast.data.procedural import ProceduralShapes
+from ldm_fast.data.shards import write_shards
+from ldm_fast.data.stream import ShardStream
 
 
 def first_stage(kind="kl", seed=0):
@@ -146,3 +152,119 @@ def test_latent_std_matches_the_scale_by_std_measurement(kl_cache):
     assert ds.scale_factor == 3.0
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["source"]["len"] == 10
+
+
+# ----------------------------------------------------------------------------- shards, ranks
+
+def write_test_shards(data, folder, per_shard):
+    write_shards((data[i] for i in range(len(data))), str(folder / "s-%03d.tar"), max_count=per_shard)
+    n = -(-len(data) // per_shard)
+    return str(folder / f"s-{{000..{n - 1:03d}}}.tar")
+
+
+def count_encodes(monkeypatch):
+    import ldm_fast.data.latent_cache as lc
+
+    calls = {"n": 0}
+    real = lc._encode
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lc, "_encode", counting)
+    return calls
+
+
+def test_one_pass_over_shards_is_cached_in_listed_order_and_reused_per_shard_list(tmp_path, data, monkeypatch):
+    fs = first_stage()
+    stream = ShardStream(write_test_shards(data, tmp_path, 4), 16, fields=("caption", "label"))
+    with pytest.raises(ValueError, match="one_pass"):
+        build_latent_cache(fs, stream, tmp_path / "cache")      # endless: never finishes a pass
+    manifest = build_latent_cache(fs, stream.one_pass(), tmp_path / "cache", batch_size=3, chunk_size=4)
+    assert manifest["num_items"] == 10 and len(manifest["source"]["shards"]) == 3
+    ds = LatentCacheDataset(tmp_path / "cache", posterior="mean")
+    x = torch.stack([s["image"] for s in stream.first_samples(10)])
+    with torch.no_grad():
+        expected = fs.encode_latent(x, sample=False)
+    for i in range(10):
+        item = ds[i]
+        assert set(item) == {"latent", "caption", "label"}      # the stream's fields only
+        assert item["caption"] == data[i]["caption"] and int(item["label"]) == int(data[i]["label"])
+        torch.testing.assert_close(item["latent"], expected[i], atol=1e-5, rtol=1e-5)
+
+    calls = count_encodes(monkeypatch)
+    build_latent_cache(fs, stream.one_pass(), tmp_path / "cache", batch_size=3, chunk_size=4)
+    assert calls["n"] == 0                                     # same shards: reused
+    st = os.stat(stream.urls[1])
+    os.utime(stream.urls[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    build_latent_cache(fs, stream.one_pass(), tmp_path / "cache", batch_size=3, chunk_size=4)
+    assert calls["n"] > 0                                      # a shard rewritten: rebuilt
+
+
+def test_train_caches_shards_and_refuses_streamed_task_pairs(tmp_path, data):
+    from ldm_fast.tasks import task_dataset, tiny_task_config
+    from ldm_fast.train import _cached
+
+    cfg = tiny_task_config("sr")
+    cfg.train_ldm.cached_latents = str(tmp_path / "cache")
+    stream = ShardStream(write_test_shards(data, tmp_path, 5), 16)
+    with pytest.raises(ValueError, match="train_ldm.cached_latents"):
+        _cached(cfg, first_stage(), task_dataset(cfg, stream), "cpu", False)
+    cached = _cached(cfg, first_stage(), stream, "cpu", False)
+    assert len(cached) == 10 and cached[3]["latent"].shape == (3, 8, 8)
+
+
+def _distributed_build(out, shards):
+    """Run by each of 2 torchrun ranks (see the next test): the map and the shard cache, built
+    by both ranks together, and a second call that must reuse, not rebuild."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    fs = first_stage()
+    data = ProceduralShapes(24, 16)
+    manifest = build_latent_cache(fs, data, f"{out}/map", batch_size=2, chunk_size=4)
+    assert build_latent_cache(fs, data, f"{out}/map", batch_size=2, chunk_size=4) == manifest
+    stream = ShardStream(shards, 16, fields=("caption",))
+    build_latent_cache(fs, stream.one_pass(), f"{out}/shards", batch_size=2, chunk_size=4)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_build_the_single_process_cache(tmp_path):
+    data = ProceduralShapes(24, 16)
+    shards = write_test_shards(data, tmp_path, 6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29551", __file__, str(tmp_path / "dist"), shards],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the ranks: the same kernels, so the same bits
+    try:
+        fs = first_stage()
+        single = build_latent_cache(fs, data, tmp_path / "map", batch_size=2, chunk_size=4)
+        stream = ShardStream(shards, 16, fields=("caption",))
+        build_latent_cache(fs, stream.one_pass(), tmp_path / "shards", batch_size=2, chunk_size=4)
+    finally:
+        torch.set_num_threads(threads)
+
+    dist = read_manifest(tmp_path / "dist" / "map")
+    assert dist["chunks"] == single["chunks"] and dist["num_items"] == 24
+    for c in single["chunks"]:   # the same chunk files, byte for byte
+        assert (tmp_path / "dist" / "map" / c["file"]).read_bytes() == (tmp_path / "map" / c["file"]).read_bytes()
+    for key in ("fields", "string_fields", "latent_shape", "source", "first_stage"):
+        assert dist[key] == single[key], key
+
+    by_ranks = LatentCacheDataset(tmp_path / "dist" / "shards", posterior="mean")
+    one = LatentCacheDataset(tmp_path / "shards", posterior="mean")
+    assert {c["file"][:10] for c in by_ranks.manifest["chunks"]} == {"chunk_r000", "chunk_r001"}
+    assert len(by_ranks) == len(one) == 24
+    for i in range(24):
+        a, b = by_ranks[i], one[i]
+        assert a["caption"] == b["caption"] == data[i]["caption"]
+        torch.testing.assert_close(a["latent"], b["latent"], atol=1e-6, rtol=1e-6)
+
+
+if __name__ == "__main__":   # a torchrun rank of test_two_gloo_ranks_build_the_single_process_cache
+    _distributed_build(*sys.argv[1:])

@@ -25,9 +25,15 @@ Use (e.g. in stage-2 training, with `model` the LatentDiffusion whose first stag
     # scale_by_std: model.scale_factor = 1 / LatentCacheDataset(root).latent_std()
     # train_ldm: batch["latent"] replaces model.encode(batch["image"]); fresh noise each epoch
 
-The manifest records a fingerprint of the first stage's weights and the dataset's length:
+The manifest records a fingerprint of the first stage's weights and the dataset's length (for
+a pass over tar shards, `ShardStream.one_pass()`, the shards' paths, sizes and mtimes):
 `build_latent_cache(..., reuse=True)` returns an existing cache only when both match, and
 rebuilds otherwise, so a retrained first stage never trains on stale latents.
+
+Under torch.distributed every rank calls `build_latent_cache`: rank 0 decides reuse for all,
+each rank encodes a contiguous share into chunk files of its own, and rank 0 writes the manifest
+after the others are done. A map dataset is split at multiples of the chunk and batch sizes, so
+N ranks write the very chunk files one process would.
 """
 
 from __future__ import annotations
@@ -35,14 +41,16 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from .. import distributed
 from .epoch import epoch_of
 
 CACHE_VERSION = 1
@@ -92,10 +100,9 @@ def _split_fields(batch: dict, fields) -> tuple[dict, dict]:
     return tensors, strings
 
 
-def _write_chunk(root: Path, index: int, tensors: dict[str, torch.Tensor], strings: dict) -> dict:
+def _write_chunk(root: Path, name: str, tensors: dict[str, torch.Tensor], strings: dict) -> dict:
     from safetensors.torch import save_file
 
-    name = f"chunk_{index:05d}.safetensors"
     tmp = root / f".{name}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"strings": json.dumps(strings)})
@@ -115,18 +122,55 @@ def read_manifest(root) -> dict:
     return manifest
 
 
-def _reusable(root: Path, fingerprint: str, num_items: int, store: str) -> dict | None:
+def _source(dataset) -> dict:
+    """What identifies the encoded data for reuse: a map dataset's length, or, for a pass over
+    shards (which has no length), each shard's path, size and mtime, so rewritten or added
+    shards invalidate the cache."""
+    if hasattr(dataset, "__len__"):
+        return {"type": type(dataset).__name__, "len": len(dataset)}
+    shards = []
+    for url in dataset.urls:
+        st = os.stat(url)
+        shards.append([os.path.abspath(url), st.st_size, st.st_mtime_ns])
+    return {"type": type(dataset).__name__, "shards": shards}
+
+
+def _reusable(root: Path, fingerprint: str, source: dict, store: str) -> dict | None:
     try:
         manifest = read_manifest(root)
     except (LatentCacheError, json.JSONDecodeError):
         return None
-    ok = (manifest["first_stage"]["fingerprint"] == fingerprint and manifest["num_items"] == num_items
+    same_data = (manifest["num_items"] == source["len"] if "len" in source
+                 else manifest["source"].get("shards") == source["shards"])
+    ok = (manifest["first_stage"]["fingerprint"] == fingerprint and same_data
           and manifest["store"] == store
           and all((root / c["file"]).is_file() for c in manifest["chunks"]))
     return manifest if ok else None
 
 
-def build_latent_cache(first_stage: torch.nn.Module, dataset: Dataset, root, *, batch_size: int = 64,
+def _part(dataset, ctx: distributed.DistContext, batch_size: int, chunk_size: int):
+    """(this rank's contiguous share of `dataset`, name of its k-th chunk file)."""
+    if hasattr(dataset, "__len__"):
+        # Shares of whole chunks that are also whole batches (multiples of lcm(batch, chunk)):
+        # each rank batches and chunks its rows exactly as one process would, so it writes the
+        # single-process build's chunk files, names (global chunk ordinals, hence unique across
+        # ranks) and bytes included. A world of one takes the dataset itself, as before.
+        n, unit = len(dataset), math.lcm(batch_size, chunk_size)
+        units = -(-n // unit)
+        lo = min(n, ctx.rank * units // ctx.world_size * unit)
+        hi = min(n, (ctx.rank + 1) * units // ctx.world_size * unit)
+        first = lo // chunk_size
+        part = dataset if (lo, hi) == (0, n) else Subset(dataset, range(lo, hi))
+        return part, lambda k: f"chunk_{first + k:05d}.safetensors"
+    # A pass over shards: how many samples a shard holds is known only once it is decoded, so
+    # ranks split the shard list instead and tag their chunk names with the rank.
+    n = len(dataset.urls)
+    part = dataset.part(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
+    tag = f"r{ctx.rank:03d}_" if ctx.enabled else ""
+    return part, lambda k: f"chunk_{tag}{k:05d}.safetensors"
+
+
+def build_latent_cache(first_stage: torch.nn.Module, dataset, root, *, batch_size: int = 64,
                        chunk_size: int = 4096, store: str | None = None, fields=None,
                        storage_dtype: torch.dtype = torch.float32, device="cpu", num_workers: int = 0,
                        reuse: bool = True, progress: bool = False) -> dict:
@@ -135,6 +179,11 @@ def build_latent_cache(first_stage: torch.nn.Module, dataset: Dataset, root, *, 
     Returns the manifest. With `reuse`, an existing complete cache made by the same first-stage
     weights from a dataset of the same length is returned as is.
 
+    dataset: a map-style dataset, or a finite pass over tar shards (`ShardStream.one_pass()`),
+    whose identity for reuse is its shard list (paths, sizes, mtimes) instead of a length.
+    Under torch.distributed every rank calls this: each encodes a contiguous share (indices,
+    or shards) into its own chunk files, and rank 0 writes the manifest listing them in order,
+    so the cache reads exactly as a single-process build of the same data.
     fields: annotation keys to keep (default: every tensor or string field but 'image').
     storage_dtype: float32 (default) or float16/bfloat16 to halve the disk and I/O."""
     root = Path(root)
@@ -145,28 +194,88 @@ def build_latent_cache(first_stage: torch.nn.Module, dataset: Dataset, root, *, 
         raise ValueError("store='moments' needs a KL first stage (a posterior to sample from)")
     if chunk_size < 1 or batch_size < 1:
         raise ValueError("chunk_size and batch_size must be positive")
-    if len(dataset) == 0:
+    if not hasattr(dataset, "__len__") and not hasattr(dataset, "part"):
+        raise ValueError(f"{type(dataset).__name__} has no length (an endless stream?): pass a map-style "
+                         "dataset or one finite pass over shards, ShardStream.one_pass()")
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise ValueError("the dataset is empty: nothing to encode")
-    fingerprint = first_stage_fingerprint(first_stage)
-    if reuse and (manifest := _reusable(root, fingerprint, len(dataset), store)):
+    ctx = distributed.current()
+    source = _source(dataset)
+    # Rank 0 alone decides and tells the others: every rank skips or every rank encodes, and no
+    # rank is still looking at the old cache while rank 0 deletes it.
+    fingerprint = first_stage_fingerprint(first_stage) if ctx.is_main else None
+    manifest = _reusable(root, fingerprint, source, store) if reuse and ctx.is_main else None
+    if manifest := distributed.all_gather_object(manifest)[0]:
         return manifest
-    if root.exists():
-        shutil.rmtree(root)   # stale or incomplete: never mix chunks of two encoders
-    root.mkdir(parents=True)
+    if ctx.is_main:
+        if root.exists():
+            shutil.rmtree(root)   # stale or incomplete: never mix chunks of two encoders
+        root.mkdir(parents=True)
+    distributed.barrier()         # the directory is there, and empty, before any rank writes
 
-    device = torch.device(device)
+    part, chunk_name = _part(dataset, ctx, batch_size, chunk_size)
+    if not hasattr(part, "__len__"):
+        num_workers = 0           # workers would each read the whole pass, and out of order
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    try:
+        mine, error = _encode_part(first_stage, loader, root, chunk_name, store, fields, storage_dtype,
+                                   torch.device(device), chunk_size, progress), None
+    except Exception as exc:     # reported to the other ranks, which would otherwise wait forever
+        mine, error = None, exc
+    parts = distributed.all_gather_object((mine, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if failed := [r for r, (_, e) in enumerate(parts) if e]:
+        raise LatentCacheError(f"rank {failed[0]} failed to encode its share of the cache: {parts[failed[0]][1]}")
+    parts = [p for p, _ in parts]   # in rank order, which is index (or shard) order
+
+    chunks = [c for p in parts for c in p["chunks"]]
+    num_items = sum(c["count"] for c in chunks)
+    if num_items == 0:
+        raise LatentCacheError(f"no usable sample in {type(dataset).__name__}: nothing was encoded")
+    if "len" in source and num_items != source["len"]:
+        raise LatentCacheError(f"encoded {num_items} items but the dataset has {source['len']}")
+    if ctx.is_main:
+        field_info = {}
+        for p in parts:
+            field_info.update(p["fields"])
+        manifest = {
+            "version": CACHE_VERSION,
+            "num_items": num_items,
+            "chunks": chunks,
+            "store": store,
+            "latent_shape": next(p["latent_shape"] for p in parts if p["latent_shape"]),
+            "storage_dtype": str(storage_dtype).replace("torch.", ""),
+            "fields": field_info,
+            "string_fields": sorted(set().union(*(p["string_fields"] for p in parts))),
+            "first_stage": {"kind": getattr(first_stage, "kind", type(first_stage).__name__),
+                            "fingerprint": fingerprint},
+            "source": source,
+            "encode_seconds": max(p["seconds"] for p in parts),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        tmp = root / f".{MANIFEST}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, root / MANIFEST)   # last: its presence means the cache is complete
+    distributed.barrier()                  # no rank goes on to read the cache before it is complete
+    return manifest if ctx.is_main else read_manifest(root)
+
+
+def _encode_part(first_stage, loader, root: Path, chunk_name, store: str, fields, storage_dtype,
+                 device: torch.device, chunk_size: int, progress: bool) -> dict:
+    """Encode `loader`'s batches into chunk files `chunk_name(0)`, `chunk_name(1)`, … of
+    `chunk_size` rows (the last one shorter); returns what the manifest needs from them."""
     was_training = first_stage.training
     first_stage.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     t0 = time.perf_counter()
     chunks, pending, pending_strings, pending_n = [], [], {}, 0
-    field_info, string_fields = {}, set()
+    field_info, string_fields, latent_shape = {}, set(), None
 
     def flush(upto: int):
         # Write the first `upto` pending rows as one chunk, keep the rest pending.
         nonlocal pending, pending_strings, pending_n
         merged = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
-        chunks.append(_write_chunk(root, len(chunks), {k: v[:upto] for k, v in merged.items()},
+        chunks.append(_write_chunk(root, chunk_name(len(chunks)), {k: v[:upto] for k, v in merged.items()},
                                    {k: v[:upto] for k, v in pending_strings.items()}))
         rest = {k: v[upto:] for k, v in merged.items()}
         pending = [rest] if next(iter(rest.values())).shape[0] else []
@@ -177,6 +286,7 @@ def build_latent_cache(first_stage: torch.nn.Module, dataset: Dataset, root, *, 
         for batch in _progress(loader, progress):
             x = batch["image"].to(device)
             encoded = {k: v.to("cpu", storage_dtype) for k, v in _encode(first_stage, x, store).items()}
+            latent_shape = list(next(iter(encoded.values())).shape[1:])
             tensors, strings = _split_fields(batch, fields)
             for k, v in tensors.items():
                 field_info[k] = {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape[1:])}
@@ -191,29 +301,8 @@ def build_latent_cache(first_stage: torch.nn.Module, dataset: Dataset, root, *, 
             flush(pending_n)
     finally:
         first_stage.train(was_training)
-
-    probe = encoded[next(iter(encoded))]
-    manifest = {
-        "version": CACHE_VERSION,
-        "num_items": sum(c["count"] for c in chunks),
-        "chunks": chunks,
-        "store": store,
-        "latent_shape": list(probe.shape[1:]),
-        "storage_dtype": str(storage_dtype).replace("torch.", ""),
-        "fields": field_info,
-        "string_fields": sorted(string_fields),
-        "first_stage": {"kind": getattr(first_stage, "kind", type(first_stage).__name__),
-                        "fingerprint": fingerprint},
-        "source": {"type": type(dataset).__name__, "len": len(dataset)},
-        "encode_seconds": time.perf_counter() - t0,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if manifest["num_items"] != len(dataset):
-        raise LatentCacheError(f"encoded {manifest['num_items']} items but the dataset has {len(dataset)}")
-    tmp = root / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / MANIFEST)   # last: its presence means the cache is complete
-    return manifest
+    return {"chunks": chunks, "fields": field_info, "string_fields": sorted(string_fields),
+            "latent_shape": latent_shape, "seconds": time.perf_counter() - t0}
 
 
 def _progress(iterable, enabled: bool):

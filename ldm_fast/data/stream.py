@@ -152,6 +152,33 @@ class ShardStream(IterableDataset):
                     out.append(sample)
         return out
 
+    def one_pass(self) -> ShardPass:
+        """Every usable sample of the listed shards once, in listed order (shard by shard,
+        samples as stored): what a latent cache encodes (latent_cache.build_latent_cache).
+        Like `first_samples`: only the stream's fields, no transforms, no '__pos__'; finite."""
+        return ShardPass(self, self.urls)
+
+
+class ShardPass(IterableDataset):
+    """`ShardStream.one_pass()`: a finite pass over `urls`, decoded as `stream` decodes."""
+
+    def __init__(self, stream: ShardStream, urls: Sequence[str]):
+        self.stream, self.urls = stream, list(urls)
+
+    def part(self, start: int, stop: int) -> ShardPass:
+        """The pass over shards [start, stop) of this one (a rank's contiguous share)."""
+        return ShardPass(self.stream, self.urls[start:stop])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            # Each worker would repeat the whole pass; splitting it would interleave the order.
+            raise RuntimeError("ShardPass is read in order by one process: use num_workers <= 1")
+        for url in self.urls:
+            for key, raw in self.stream.reader._groups(url):
+                if (sample := self.stream._decode(url, key, raw)) is not None:
+                    yield sample
+
 
 class PositionTracker:
     """Wraps a DataLoader over a `ShardStream`: removes '__pos__' from each batch and remembers,
