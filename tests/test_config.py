@@ -62,6 +62,8 @@ def test_yaml_round_trip(tmp_path):
     ("data.resolution=30", "data.resolution"),
     ("train_ldm.batch_size=0", "train_ldm.batch_size"),
     ("kernels=fast", "kernels"),
+    ("conditioning.layout_grid=1", "conditioning.layout_grid"),
+    ("train_autoencoder.strategy=fsdp", "train_autoencoder.strategy"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -80,3 +82,13 @@ def test_unknown_field_and_wrong_type_are_named(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset"):
         get_preset("nope")
+
+
+def test_cached_latents_of_streamed_sr_pairs_are_refused_up_front():
+    from ldm_fast.tasks import tiny_task_config
+
+    cfg = tiny_task_config("sr")
+    for override in ("train_ldm.cached_latents=x", "data.dataset=shards", "data.root=d-{0..3}.tar"):
+        cfg = apply_override(cfg, override)
+    with pytest.raises(ConfigError, match=r"train_ldm\.cached_latents"):
+        validate(cfg)
