@@ -165,3 +165,23 @@ def test_folder_to_shards(tmp_path):
     with tarfile.open(raw[0]) as tar:
         assert "a.jpg" in tar.getnames()  # bytes copied as they were
     assert all(s["image"].shape == (3, 8, 8) for s in ShardDataset(small))
+
+
+def test_make_shards_cli_writes_trainable_shards_and_reports_bad_files(tmp_path, capsys):
+    from ldm_fast.data.build import build_datasets
+    from ldm_fast.config import DataConfig
+    from ldm_fast.make_shards import main
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(src / f"p{i}.png")
+    (src / "p1.txt").write_text("a grey square")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    assert main([str(src), str(tmp_path / "out" / "train-%03d.tar"), "--resolution", "16", "--max-count", "2"]) == 0
+    out, err = capsys.readouterr()
+    root = out.split("data.root=")[1].strip().strip('"')
+    assert root == str(tmp_path / "out" / "train-{000..002}.tar") and "skipped 1 of 6" in err
+    train, held = build_datasets(DataConfig(dataset="shards", root=root, resolution=16, heldout_samples=1))
+    assert len(train.urls) == 2 and held[0]["image"].shape == (3, 16, 16)
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x-%d.tar")]) == 2
