@@ -38,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--kernels", choices=ops.BACKENDS)
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the task metric")
     p.add_argument("--skip-samples", action="store_true", help="only evaluate the autoencoder")
+    p.add_argument("--photos", action="store_true",
+                   help="super-resolution: also score on the photographs that ship with scikit-image")
+    p.add_argument("--sr-guidance", type=float, default=0.0,
+                   help="super-resolution: also score with post-hoc image guidance at this scale")
     return p.parse_args(argv)
 
 
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
             conditioner = load_conditioner(args.ckpt, model, cond_state, device=args.device)
             results["task"] = evaluate_task(model, conditioner, heldout, n=args.n, guidance=args.guidance,
                                             sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                            batch_size=args.batch_size)
+                                            batch_size=args.batch_size, photos=args.photos,
+                                            sr_guidance=args.sr_guidance)
     for section, values in results.items():
         if isinstance(values, dict):
             print(f"{section}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -32,7 +32,7 @@ API for the CLIs (exact signatures):
     SRImageGuidance(model, lr, scale=1.0)                    SR: a model wrapper for generate()
                                                              that pulls samples toward the LR input
     evaluate_task(model, conditioner, heldout, n=64, *, guidance=3.0, sampler="ddim", steps=50,
-                  seed=0, batch_size=64, net=None, photos=False) -> dict
+                  seed=0, batch_size=64, net=None, photos=False, sr_guidance=0.0) -> dict
         heldout: the plain procedural held-out set; returns flat {name: number} plus task/mode/n
     box_crops(images, boxes, labels, context=0.5) -> (crops, classes)   layout metric's crops
     real_photos(resolution) -> (N, 3, r, r) or None                   scikit-image photographs
@@ -635,16 +635,19 @@ def _slice(value, start: int, stop: int):
 
 
 def _sample(model, conditioner: Conditioner, inputs: dict, n: int, guidance: float, sampler: str,
-            steps: int, seed: int, batch_size: int) -> torch.Tensor:
+            steps: int, seed: int, batch_size: int, image_guidance: float = 0.0) -> torch.Tensor:
+    """n samples in batches; `image_guidance` > 0 (SR) wraps the model in SRImageGuidance
+    toward each batch's own low-resolution inputs."""
     from ldm_fast.generate import generate
 
     out = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
-        cond, uncond = conditioner.encode_inputs(**{k: _slice(v, start, start + m) for k, v in inputs.items()}) \
-            if inputs else (None, None)
+        part = {k: _slice(v, start, start + m) for k, v in inputs.items()}
+        cond, uncond = conditioner.encode_inputs(**part) if inputs else (None, None)
         use_guidance = uncond is not None and guidance != 1.0
-        out.append(generate(model, m, sampler=sampler, steps=steps, seed=seed + start, cond=cond,
+        sampling_model = SRImageGuidance(model, part["lr"], image_guidance) if image_guidance > 0 else model
+        out.append(generate(sampling_model, m, sampler=sampler, steps=steps, seed=seed + start, cond=cond,
                             uncond=uncond if use_guidance else None,
                             guidance=guidance if use_guidance else 1.0,
                             latent_size=conditioner.latent_size(cond)).cpu())
@@ -792,15 +795,20 @@ def _metric_sr(ctx) -> dict:
 
     cc = ctx.conditioner.cfg.conditioning
 
-    def run(hr, seed):
+    def run(hr, seed, image_guidance=0.0):
         lr = degrade(hr, cc.degradation, cc.sr_factor, generator=seed)
         bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-        return ctx.sample({"lr": lr}, 1.0, n=len(hr)), bicubic
+        return ctx.sample({"lr": lr}, 1.0, n=len(hr), image_guidance=image_guidance), bicubic
 
     hr = ctx.batch["image"]
     sr, bicubic = run(hr, ctx.seed)
     res = _sr_scores(hr, sr, bicubic)
     res.update({FD_NAME: fd_shapes(ctx.net, sr, hr), f"{FD_NAME}_bicubic": fd_shapes(ctx.net, bicubic, hr)})
+    if ctx.sr_guidance > 0:  # the same inputs and seeds, pulled toward the LR input
+        guided, _ = run(hr, ctx.seed, ctx.sr_guidance)
+        scores = _sr_scores(hr, guided, bicubic)
+        res.update({f"{k}_image_guided": v for k, v in scores.items() if not k.endswith("_bicubic")})
+        res[f"{FD_NAME}_image_guided"] = fd_shapes(ctx.net, guided, hr)
     if ctx.photos:
         photos = real_photos(hr.shape[-1])
         if photos is None:
@@ -844,33 +852,36 @@ TASK_METRICS = {
 
 
 class _EvalContext:
-    def __init__(self, model, conditioner, batch, n, guidance, sampler, steps, seed, batch_size, net, photos):
+    def __init__(self, model, conditioner, batch, n, guidance, sampler, steps, seed, batch_size, net, photos,
+                 sr_guidance=0.0):
         self.model, self.conditioner, self.batch, self.n = model, conditioner, batch, n
         self.guidance, self.sampler, self.steps, self.seed = guidance, sampler, steps, seed
-        self.batch_size, self.net, self.photos = batch_size, net, photos
+        self.batch_size, self.net, self.photos, self.sr_guidance = batch_size, net, photos, sr_guidance
 
     def guidances(self):
         """('unguided', 1) — the conditional model alone — and ('guided', g) when g ≠ 1."""
         return [("unguided", 1.0)] + ([("guided", self.guidance)] if self.guidance != 1.0 else [])
 
-    def sample(self, inputs: dict, guidance: float, n: int | None = None) -> torch.Tensor:
+    def sample(self, inputs: dict, guidance: float, n: int | None = None,
+               image_guidance: float = 0.0) -> torch.Tensor:
         if "prompts" in self.conditioner.inputs and "prompts" not in inputs:
             # Hybrid: the held-out captions go with the concatenated inputs (one per image;
             # cycled over the real photos of the SR figures).
             captions = list(self.batch["caption"])
             inputs = {**inputs, "prompts": (captions * (n or self.n))[:n or self.n]}
         return _sample(self.model, self.conditioner, inputs, n or self.n, guidance, self.sampler,
-                       self.steps, self.seed, self.batch_size)
+                       self.steps, self.seed, self.batch_size, image_guidance)
 
 
 def evaluate_task(model, conditioner: Conditioner, heldout: Dataset, n: int = 64, *, guidance: float = 3.0,
                   sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 64,
-                  net=None, photos: bool = False) -> dict:
+                  net=None, photos: bool = False, sr_guidance: float = 0.0) -> dict:
     """The task's metric on the first n held-out items (inputs taken from them; heldout must be
     the plain dataset — SR and inpainting degrade/mask it here, reproducibly from `seed`).
     `net`: the ShapesNet (default: `load_shapes_net` at the held-out resolution, trained and
     cached on first use). Class / text / layout report unguided and guided (scale `guidance`)
-    figures; `photos` adds SR figures on scikit-image's photographs."""
+    figures; `photos` adds SR figures on scikit-image's photographs; `sr_guidance` > 0 adds SR
+    figures with post-hoc image guidance (SRImageGuidance) at that scale."""
     from ldm_fast.metrics import load_shapes_net
 
     task = conditioner.task
@@ -882,7 +893,7 @@ def evaluate_task(model, conditioner: Conditioner, heldout: Dataset, n: int = 64
     conditioner.eval()
     try:
         ctx = _EvalContext(model, conditioner, batch, len(batch["image"]), guidance, sampler, steps, seed,
-                           batch_size, net, photos)
+                           batch_size, net, photos, sr_guidance)
         res = TASK_METRICS[task](ctx)
     finally:
         model.train(was_training)

@@ -279,11 +279,13 @@ def test_task_trains_reloads_and_evaluates(task, mode, tmp_path):
     torch.manual_seed(0)
     net = ShapesNet(5, 6, width=4, work_res=RES).eval()  # untrained: checks the plumbing, not quality
     res = evaluate_task(loaded, reloaded, ProceduralShapes(2, RES, start=100), n=2, steps=2, net=net,
-                        batch_size=2, photos=task == "sr")
+                        batch_size=2, photos=task == "sr", sr_guidance=1.0 if task == "sr" else 0.0)
     expected = {"unconditional": "FD-shapes", "class": "accuracy_guided", "text": "agreement_guided",
                 "layout": "box_accuracy_guided", "semantic": "miou", "sr": "photo_psnr",
                 "inpaint": "l1_masked"}[task]
     assert expected in res and res["task"] == task
+    if task == "sr":
+        assert res["psnr_image_guided"] != res["psnr"]  # image guidance changed the samples
 
 
 def test_text_task_with_a_frozen_pretrained_encoder(tmp_path):
