@@ -8,7 +8,7 @@ between shards with identical placements.
 
 Checkpoints stay the ordinary single-file format: parameters, EMA and optimizer moments are
 gathered to full tensors (a collective, every rank calls it) and rank 0 writes them; loading
-scatters the full tensors back into shards. A run can so switch between DDP and FSDP on resume.
+scatters the full tensors back into shards, so a run can switch between DDP and FSDP on resume.
 The first stage is not sharded: it fits a GPU (the KL-f8 autoencoder has 84M parameters).
 """
 

@@ -149,3 +149,20 @@ def test_fsdp_ldm_matches_one_rank_and_resumes_exactly(reference, tmp_path):
                                launcher=launcher))
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same(weights(out), expected, atol=2e-4)
+
+
+def test_fsdp_gradient_accumulation_matches_ddp(tmp_path):
+    # With accumulation FSDP skips the reduce-scatter of the first micro-batch; the update must
+    # still equal DDP's (whose no_sync path the equivalence tests above cover).
+    config = write_config(tmp_path, steps=3, batch_size=1, grad_accum=2)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29536",
+                "-m", "ldm_fast.train")
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        assert run(train_cmd(config, out, "--stage", "autoencoder")).returncode == 0
+        result = run(train_cmd(config, out, "--stage", "ldm", "--set", f"train_ldm.strategy={strategy}",
+                               launcher=launcher))
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[strategy] = weights(out)
+    assert_same(results["fsdp"], results["ddp"])
