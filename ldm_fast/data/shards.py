@@ -127,7 +127,8 @@ def encode_sample(sample: dict) -> dict[str, bytes]:
     return out
 
 
-def _decode_field(suffix: str, data: bytes) -> tuple[str, object]:
+def decode_field(suffix: str, data: bytes) -> tuple[str, object]:
+    """(field name, value) of one tar member from its suffix (see the module docstring)."""
     *stem, ext = suffix.split(".")
     name = ".".join(stem)
     ext = ext.lower()
@@ -150,7 +151,7 @@ def _decode_field(suffix: str, data: bytes) -> tuple[str, object]:
 
 def decode_sample(fields: dict[str, bytes]) -> dict:
     """Inverse of `encode_sample` (images come back as float32 (3, H, W) in [-1, 1])."""
-    return dict(_decode_field(s, d) for s, d in fields.items())
+    return dict(decode_field(s, d) for s, d in fields.items())
 
 
 # ----------------------------------------------------------------------------- writing
@@ -342,7 +343,8 @@ class ShardDataset(IterableDataset):
         """Reshuffle for a new epoch (same order on every rank: the seed is shared)."""
         self.epoch = int(epoch)
 
-    def _consumer(self) -> tuple[int, int]:
+    def consumer(self) -> tuple[int, int]:
+        """(this reader's index, how many read): rank x DataLoader worker."""
         if self.world_size is not None:
             rank, world = self.rank, self.world_size
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -353,10 +355,11 @@ class ShardDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * nw + wid, world * nw
 
-    def _report(self, message: str) -> None:
+    def report(self, message: str) -> None:
+        """Warn about bad data (the counts go to `stats`)."""
         warnings.warn(f"ShardDataset: {message}", stacklevel=3)
 
-    def _groups(self, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def read_groups(self, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         """(key, {suffix: bytes}) per sample, streaming; a truncated tail is reported and dropped."""
         key, fields = None, {}
         try:
@@ -381,7 +384,7 @@ class ShardDataset(IterableDataset):
             lost = f"; dropped incomplete sample {key!r}" if key is not None else ""
             if key is not None:
                 self.stats["skipped_samples"] += 1
-            self._report(f"shard {url} is truncated or corrupt ({type(e).__name__}: {e}); "
+            self.report(f"shard {url} is truncated or corrupt ({type(e).__name__}: {e}); "
                          f"kept the samples before the damage{lost}")
             return
         if key is not None:
@@ -392,18 +395,18 @@ class ShardDataset(IterableDataset):
             sample = decode_sample(fields) if self.decode else dict(fields)
         except Exception as e:
             self.stats["skipped_samples"] += 1
-            self._report(f"skipped sample {key!r} in {url}: {type(e).__name__}: {e}")
+            self.report(f"skipped sample {key!r} in {url}: {type(e).__name__}: {e}")
             return None
         missing = [r for r in self.required if r not in sample]
         if missing:
             self.stats["skipped_samples"] += 1
-            self._report(f"skipped sample {key!r} in {url}: missing field(s) {missing}")
+            self.report(f"skipped sample {key!r} in {url}: missing field(s) {missing}")
             return None
         sample["__key__"], sample["__url__"] = key, url
         return sample
 
     def _stream(self) -> Iterator[dict]:
-        consumer, consumers = self._consumer()
+        consumer, consumers = self.consumer()
         shards = list(self.urls)
         if self.shuffle:
             np.random.default_rng([self.seed, self.epoch]).shuffle(shards)
@@ -413,9 +416,9 @@ class ShardDataset(IterableDataset):
                                  f"(ranks x DataLoader workers): write more shards, use fewer "
                                  f"workers, or split='sample'")
             mine = shards[consumer::consumers]
-            groups = ((u, k, f) for u in mine for k, f in self._groups(u))
+            groups = ((u, k, f) for u in mine for k, f in self.read_groups(u))
         else:
-            everything = ((u, k, f) for u in shards for k, f in self._groups(u))
+            everything = ((u, k, f) for u in shards for k, f in self.read_groups(u))
             # Assign by position before decoding, so each consumer decodes only its own samples.
             groups = itertools.islice(everything, consumer, None, consumers)
         for url, key, fields in groups:
@@ -430,7 +433,7 @@ class ShardDataset(IterableDataset):
             yield from stream
             return
         # Bounded-memory shuffle: keep a buffer, emit a random element as each new one arrives.
-        consumer, _ = self._consumer()
+        consumer, _ = self.consumer()
         rng = np.random.default_rng([self.seed, self.epoch, consumer])
         buf: list[dict] = []
         for sample in stream:

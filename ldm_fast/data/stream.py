@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .folder import load_image
-from .shards import IMAGE_SUFFIXES, ShardDataset, _decode_field
+from .shards import IMAGE_SUFFIXES, ShardDataset, decode_field
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,14 @@ class ShardStream(IterableDataset):
             images = [raw[s] for s in raw if s.lower() in IMAGE_SUFFIXES]
             if not images:
                 raise KeyError("no image member")
-            by_name = dict(_decode_field(s, d) for s, d in raw.items() if s.lower() not in IMAGE_SUFFIXES)
+            by_name = dict(decode_field(s, d) for s, d in raw.items() if s.lower() not in IMAGE_SUFFIXES)
             if missing := [name for name in self.fields if name not in by_name]:
                 raise KeyError(f"missing field(s) {missing}")
             out = {"image": load_image(io.BytesIO(images[0]), self.resolution, self.resolution)}
             out.update({name: by_name[name] for name in self.fields})
         except Exception as e:
             self.reader.stats["skipped_samples"] += 1
-            self.reader._report(f"skipped sample {key!r} in {url}: {type(e).__name__}: {e}")
+            self.reader.report(f"skipped sample {key!r} in {url}: {type(e).__name__}: {e}")
             return None
         return out
 
@@ -101,7 +101,7 @@ class ShardStream(IterableDataset):
         return int(epoch), int(shard), int(sample)
 
     def _role(self) -> tuple[int, int]:
-        consumer, consumers = self.reader._consumer()  # rank * workers + worker id, world * workers
+        consumer, consumers = self.reader.consumer()  # rank * workers + worker id, world * workers
         info = get_worker_info()
         workers = info.num_workers if info is not None else 1
         state = self.positions or {}
@@ -121,7 +121,7 @@ class ShardStream(IterableDataset):
             for k in range(first_shard, len(mine)):
                 shard_id = mine[k]
                 url = self.urls[shard_id]
-                groups = list(self.reader._groups(url))  # one shard's encoded bytes in memory
+                groups = list(self.reader.read_groups(url))  # one shard's encoded bytes in memory
                 order = np.random.default_rng([self.seed, epoch, shard_id]).permutation(len(groups))
                 for j in range(first_sample if k == first_shard else 0, len(groups)):
                     key, raw = groups[order[j]]
@@ -145,7 +145,7 @@ class ShardStream(IterableDataset):
         worker (e.g. the captions a tokenizer is trained on); no transforms."""
         out = []
         for url in self.urls:
-            for key, raw in self.reader._groups(url):
+            for key, raw in self.reader.read_groups(url):
                 if len(out) == n:
                     return out
                 if (sample := self._decode(url, key, raw)) is not None:
@@ -175,7 +175,7 @@ class ShardPass(IterableDataset):
             # Each worker would repeat the whole pass; splitting it would interleave the order.
             raise RuntimeError("ShardPass is read in order by one process: use num_workers <= 1")
         for url in self.urls:
-            for key, raw in self.stream.reader._groups(url):
+            for key, raw in self.stream.reader.read_groups(url):
                 if (sample := self.stream._decode(url, key, raw)) is not None:
                     yield sample
 
