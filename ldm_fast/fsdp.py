@@ -52,9 +52,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state with every shard gathered (collective: call on every rank)."""
-    return {k: _full(v).detach().cpu() for k, v in module.state_dict().items()}
+def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The module's state with every shard gathered (collective: call on every rank).
+    keep=False takes part in the gathering but keeps nothing (ranks that do not write the
+    checkpoint), so a large model is not copied to host memory once per rank."""
+    out = {}
+    for k, v in module.state_dict().items():
+        full = _full(v)  # one tensor at a time: device memory holds one full tensor at most
+        if keep:
+            out[k] = full.detach().cpu()
+    return out
 
 
 def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -65,10 +72,16 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
         module.load_state_dict(state)
 
 
-def optimizer_to_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict, str]:
-    """ckpt.optimizer_to_tensors with sharded moments gathered (collective)."""
+def optimizer_to_tensors(prefix: str, optimizer: torch.optim.Optimizer, keep: bool = True) -> tuple[dict, str]:
+    """ckpt.optimizer_to_tensors with sharded moments gathered (collective; `keep` as in
+    full_state_dict)."""
     tensors, extra = ckpt.optimizer_to_tensors(prefix, optimizer)
-    return {k: _full(v).cpu() for k, v in tensors.items()}, extra
+    out = {}
+    for k, v in tensors.items():
+        full = _full(v)
+        if keep:
+            out[k] = full.cpu()
+    return out, extra
 
 
 def optimizer_from_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, extra: str) -> None:

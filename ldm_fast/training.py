@@ -392,9 +392,9 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
         # FSDP: every rank takes part in gathering the shards; rank 0 writes.
         if not (ctx.is_main or sharded):
             return
-        unet_state = fsdp.full_state_dict(model.unet)
-        t_opt, j_opt = fsdp.optimizer_to_tensors("opt.", opt)
-        ema_state = fsdp.full_state_dict(ema) if ema is not None else None
+        unet_state = fsdp.full_state_dict(model.unet, keep=ctx.is_main)
+        t_opt, j_opt = fsdp.optimizer_to_tensors("opt.", opt, keep=ctx.is_main)
+        ema_state = fsdp.full_state_dict(ema, keep=ctx.is_main) if ema is not None else None
         if not ctx.is_main:
             return
         if not all(torch.isfinite(v).all() for v in unet_state.values() if v.is_floating_point()):
