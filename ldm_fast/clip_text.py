@@ -16,11 +16,12 @@ the directory (conditioning.pretrained_text_encoder).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ldm_fast.conditioning import PromptLengthGuard
 
 CLIP_MODEL_TYPES = ("clip_text_model", "clip")
 
@@ -72,7 +73,8 @@ class FrozenCLIPTextEncoder(nn.Module):
         super().__init__()
         tf = _transformers()
         self.path, self.max_length, self.tokenizer = path, max_length, None
-        self.strict, self._warned = strict, False  # over-long prompts: refuse (strict) or truncate, warned once
+        self.strict = strict
+        self.length_guard = PromptLengthGuard("CLIP")  # over-long prompts: refuse (strict) or truncate
         if path is not None:
             path = Path(path)
             if not path.is_dir():
@@ -114,16 +116,7 @@ class FrozenCLIPTextEncoder(nn.Module):
                                "(set conditioning.pretrained_text_encoder to a local CLIP directory)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-        too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
-        if too_long:
-            i = too_long[0]
-            message = (f"prompt {i} ({prompts[i][:60]!r}…) is {lengths[i]} tokens long, more than CLIP's "
-                       f"context of {self.max_length} tokens")
-            if self.strict:
-                raise ValueError(message)
-            if not self._warned:
-                warnings.warn(message + "; truncated (warned once)", stacklevel=3)
-                self._warned = True
+        self.length_guard.check(prompts, lengths, self.max_length, self.strict)
         batch = self.tokenizer(prompts, truncation=True, max_length=self.max_length,
                                padding="max_length", return_tensors="pt")
         return batch["input_ids"]

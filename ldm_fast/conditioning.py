@@ -35,7 +35,7 @@ from ldm_fast import ops
 
 __all__ = [
     "ClassEmbedder", "check_class_ids", "drop_mask",
-    "TextTokenizer", "train_tokenizer", "load_tokenizer", "SPECIAL_TOKENS",
+    "TextTokenizer", "train_tokenizer", "load_tokenizer", "SPECIAL_TOKENS", "PromptLengthGuard",
     "TransformerEncoder", "TextTransformer", "FrozenPretrainedTextEncoder",
     "LayoutEncoder", "LAYOUT_GRID",
     "SemanticEncoder", "sr_concat", "InpaintingConcat", "resize_mask",
@@ -156,7 +156,7 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.token_to_id("[PAD]")
         self.sep_id = tokenizer.token_to_id("[SEP]")
-        self._warned = False
+        self.length_guard = PromptLengthGuard()
 
     @property
     def vocab_size(self) -> int:
@@ -173,18 +173,8 @@ class TextTokenizer:
         """(B, max_length) int64 ids for a prompt or a list of prompts."""
         prompts = _as_prompts(prompts)
         rows = [e.ids for e in self.tokenizer.encode_batch(prompts)]
-        too_long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > max_length]
-        if too_long:
-            i, n = too_long[0]
-            message = (f"prompt {i} ({prompts[i][:60]!r}…) is {n} tokens long, more than the text "
-                       f"encoder's context of {max_length} tokens (conditioning.max_length)")
-            if strict:
-                raise ValueError(message)
-            if not self._warned:
-                warnings.warn(message + f"; truncated to {max_length} tokens (warned once; "
-                              f"{len(too_long)} prompt(s) in this batch)", stacklevel=2)
-                self._warned = True
-            rows = [r if len(r) <= max_length else r[:max_length - 1] + [self.sep_id] for r in rows]
+        self.length_guard.check(prompts, [len(r) for r in rows], max_length, strict)
+        rows = [r if len(r) <= max_length else r[:max_length - 1] + [self.sep_id] for r in rows]
         ids = torch.full((len(rows), max_length), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
@@ -201,6 +191,28 @@ def _as_prompts(prompts) -> list[str]:
     if not prompts:
         raise ValueError("prompts: empty list")
     return prompts
+
+
+class PromptLengthGuard:
+    """Over-long prompts, the same way for every text encoder: refused in strict mode, else
+    truncated (by the caller) with one warning per encoder, so a long run does not flood the log."""
+
+    def __init__(self, what: str = "the text encoder"):
+        self.what, self.warned = what, False
+
+    def check(self, prompts: list[str], lengths: list[int], max_length: int, strict: bool) -> None:
+        too_long = [i for i, n in enumerate(lengths) if n > max_length]
+        if not too_long:
+            return
+        i = too_long[0]
+        message = (f"prompt {i} ({prompts[i][:60]!r}…) is {lengths[i]} tokens long, more than "
+                   f"{self.what}'s context of {max_length} tokens (conditioning.max_length)")
+        if strict:
+            raise ValueError(message)
+        if not self.warned:
+            warnings.warn(message + f"; truncated to {max_length} tokens (warned once; "
+                          f"{len(too_long)} prompt(s) in this batch)", stacklevel=3)
+            self.warned = True
 
 
 def train_tokenizer(captions, vocab_size: int = 30522, min_frequency: int = 1) -> TextTokenizer:
@@ -354,7 +366,8 @@ class FrozenPretrainedTextEncoder(nn.Module):
         if limit is not None and max_length > limit:
             raise ValueError(f"conditioning.max_length {max_length} exceeds the pretrained encoder's "
                              f"{limit} positions")
-        self.max_length, self.strict, self._warned = max_length, strict, False
+        self.max_length, self.strict = max_length, strict
+        self.length_guard = PromptLengthGuard()
         self.embed_dim = int(self.model.config.hidden_size)
 
     def train(self, mode: bool = True):
@@ -366,16 +379,7 @@ class FrozenPretrainedTextEncoder(nn.Module):
     def forward(self, prompts) -> torch.Tensor:
         prompts = _as_prompts(prompts)
         lengths = [len(ids) for ids in self.hf_tokenizer(prompts, truncation=False)["input_ids"]]
-        too_long = [i for i, n in enumerate(lengths) if n > self.max_length]
-        if too_long:
-            i = too_long[0]
-            message = (f"prompt {i} ({prompts[i][:60]!r}…) is {lengths[i]} tokens long, more than "
-                       f"the text encoder's context of {self.max_length} tokens")
-            if self.strict:
-                raise ValueError(message)
-            if not self._warned:
-                warnings.warn(message + "; truncated (warned once)", stacklevel=2)
-                self._warned = True
+        self.length_guard.check(prompts, lengths, self.max_length, self.strict)
         batch = self.hf_tokenizer(prompts, padding="max_length", truncation=True,
                                   max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
