@@ -200,24 +200,17 @@ class ExportedConditioner:
 
     def encode_inputs(self, *, classes=None, prompts=None, boxes=None, lr=None, n: int | None = None,
                       **unsupported) -> tuple[dict, dict | None]:
+        from ldm_fast.tasks import check_inputs, repeat_to_batch
+
         given = {"classes": classes, "prompts": prompts, "boxes": boxes, "lr": lr}
-        extra = [k for k, v in {**given, **unsupported}.items() if v is not None and k not in self.inputs]
-        missing = [k for k in self.inputs if given.get(k) is None]
-        if extra or missing:
-            raise ValueError(f"task {self.task!r} ({self.mode or 'unconditional'}) takes the inputs "
-                             f"{list(self.inputs) or 'none'}" + (f"; missing {missing}" if missing else "")
-                             + (f"; unexpected {extra}" if extra else ""))
+        check_inputs(self.task, self.mode, self.inputs, {**given, **unsupported})
         if not self.parts:
             return {}, None
         with torch.no_grad():
-            outs = [self._part(p, given) for p in self.parts]
-        sizes = {v.shape[0] for out, _ in outs for v in out.values()}
-        target = n if n is not None else max(sizes)
-        if any(s not in (1, target) for s in sizes):
-            raise ValueError(f"inputs give batch sizes {sorted(sizes)}; they must agree (or be one input to repeat)")
+            encoded = [self._part(p, given) for p in self.parts]
+        outs, target = repeat_to_batch([out for out, _ in encoded], n)
         cond, uncond = {}, ({} if self.supports_guidance else None)
-        for out, null in outs:
-            out = {k: v.expand(target, *v.shape[1:]).contiguous() for k, v in out.items()}
+        for out, (_, null) in zip(outs, encoded):
             cond.update(out)
             if uncond is not None:
                 uncond.update(null(target) if null is not None else out)

@@ -341,6 +341,27 @@ class _InpaintPart:
         return {"concat": self.concat(apply_mask(image, mask), mask)}
 
 
+def check_inputs(task: str, mode: str, needed, given: dict) -> None:
+    """A clear error when sampling inputs are missing or do not belong to the task."""
+    extra = [k for k, v in given.items() if v is not None and k not in needed]
+    missing = [k for k in needed if given.get(k) is None]
+    if extra or missing:
+        raise ValueError(f"task {task!r} ({mode or 'unconditional'}) takes the inputs "
+                         f"{list(needed) or 'none'}" + (f"; missing {missing}" if missing else "")
+                         + (f"; unexpected {extra}" if extra else ""))
+
+
+def repeat_to_batch(outs: list[dict], n: int | None) -> tuple[list[dict], int]:
+    """Encoded inputs brought to one batch size: `n` when given, else the largest; a batch of
+    1 is repeated, any other mismatch is an error."""
+    sizes = {v.shape[0] for out in outs for v in out.values()}
+    target = n if n is not None else max(sizes)
+    if any(s not in (1, target) for s in sizes):
+        raise ValueError(f"inputs give batch sizes {sorted(sizes)}" + (f" for n = {n}" if n is not None else "")
+                         + "; they must agree (or be a single input to repeat)")
+    return [{k: v.expand(target, *v.shape[1:]).contiguous() for k, v in out.items()} for out in outs], target
+
+
 class Conditioner:
     """Task-level conditioning: data batch → cond dict (training, with label dropout), user
     inputs → (cond, uncond) (sampling). See the module docstring for the API."""
@@ -374,27 +395,14 @@ class Conditioner:
         input (batch of 1) is repeated to `n` when n is given."""
         given = {"classes": classes, "prompts": prompts, "boxes": boxes, "semantic": semantic,
                  "lr": lr, "image": image, "mask": mask}
-        extra = [k for k, v in given.items() if v is not None and k not in self.inputs]
-        missing = [k for k in self.inputs if given[k] is None]
-        if extra or missing:
-            raise ValueError(f"task {self.task!r} ({self.mode or 'unconditional'}) takes the inputs "
-                             f"{list(self.inputs) or 'none'}" + (f"; missing {missing}" if missing else "")
-                             + (f"; unexpected {extra}" if extra else ""))
+        check_inputs(self.task, self.mode, self.inputs, given)
         if not self.parts:
             return {}, None
         was_training = self.module.training if self.module is not None else False
         self.eval()
         try:
             with torch.no_grad():
-                outs = [part.from_inputs(given) for part in self.parts]
-                sizes = {v.shape[0] for out in outs for v in out.values()}
-                target = n if n is not None else max(sizes)
-                if any(s not in (1, target) for s in sizes):
-                    raise ValueError(f"inputs give batch sizes {sorted(sizes)}" +
-                                     (f" for n = {n}" if n is not None else "") + "; they must agree "
-                                     "(or be a single input to repeat)")
-                outs = [{k: v.expand(target, *v.shape[1:]).contiguous() for k, v in out.items()}
-                        for out in outs]
+                outs, target = repeat_to_batch([part.from_inputs(given) for part in self.parts], n)
                 cond = {k: v for out in outs for k, v in out.items()}
                 uncond = None
                 if self.supports_guidance:
