@@ -52,16 +52,21 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The module's state with every shard gathered (collective: call on every rank).
-    keep=False takes part in the gathering but keeps nothing (ranks that do not write the
-    checkpoint), so a large model is not copied to host memory once per rank."""
+def _gather(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Full host copies of `tensors` (collective), or nothing kept where keep is False."""
     out = {}
-    for k, v in module.state_dict().items():
+    for k, v in tensors.items():
         full = _full(v)  # one tensor at a time: device memory holds one full tensor at most
         if keep:
             out[k] = full.detach().cpu()
     return out
+
+
+def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The module's state with every shard gathered (collective: call on every rank).
+    keep=False takes part in the gathering but keeps nothing (ranks that do not write the
+    checkpoint), so a large model is not copied to host memory once per rank."""
+    return _gather(module.state_dict(), keep)
 
 
 def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -76,12 +81,7 @@ def optimizer_to_tensors(prefix: str, optimizer: torch.optim.Optimizer, keep: bo
     """ckpt.optimizer_to_tensors with sharded moments gathered (collective; `keep` as in
     full_state_dict)."""
     tensors, extra = ckpt.optimizer_to_tensors(prefix, optimizer)
-    out = {}
-    for k, v in tensors.items():
-        full = _full(v)
-        if keep:
-            out[k] = full.cpu()
-    return out, extra
+    return _gather(tensors, keep), extra
 
 
 def optimizer_from_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, extra: str) -> None:

@@ -94,6 +94,22 @@ def _report(callback, i, t, x, x0):
         callback({"i": i, "t": t, "x": x, "denoised": x0})
 
 
+def _one_step_chain(step, desc, model, x, schedule, steps, eta, cond, uncond, guidance, generator, callback,
+                    disable_progress, timesteps, spacing):
+    """The loop DDIM and Euler(-ancestral) share: one model call, then the fused `step`
+    (ops.ddim_step / ops.euler_step) from ᾱ_i to ᾱ_{i+1}, fresh noise where η > 0."""
+    ts, a = _plan(schedule, steps, timesteps, spacing)
+    cond_in, doubled = _guidance_setup(cond, uncond, guidance)
+    for i in tqdm(range(len(ts)), disable=disable_progress, desc=desc):
+        out = _model_output(model, x, ts[i], cond_in, doubled)
+        noise = randn_like(x, generator) if eta > 0 and a[i + 1] < 1.0 else None
+        res = step(x, out, a[i], a[i + 1], eta=eta, noise=noise, parameterization=schedule.parameterization,
+                   guidance=guidance, return_x0=callback is not None)
+        x, x0 = res if callback is not None else (res, None)
+        _report(callback, i, ts[i], x, x0)
+    return x
+
+
 # ----------------------------------------------------------------------------- samplers
 
 @torch.no_grad()
@@ -102,17 +118,8 @@ def sample_ddim(model, x, schedule: Schedule, steps: int = 50, eta: float = 0.0,
                 disable_progress: bool = True, timesteps=None, spacing: str = "linspace"):
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12); η = 0 is the
     deterministic sampler, η = 1 the DDPM posterior on the strided chain."""
-    ts, a = _plan(schedule, steps, timesteps, spacing)
-    cond_in, doubled = _guidance_setup(cond, uncond, guidance)
-    for i in tqdm(range(len(ts)), disable=disable_progress, desc="ddim"):
-        out = _model_output(model, x, ts[i], cond_in, doubled)
-        noise = randn_like(x, generator) if eta > 0 and a[i + 1] < 1.0 else None
-        res = ops.ddim_step(x, out, a[i], a[i + 1], eta=eta, noise=noise,
-                            parameterization=schedule.parameterization, guidance=guidance,
-                            return_x0=callback is not None)
-        x, x0 = res if callback is not None else (res, None)
-        _report(callback, i, ts[i], x, x0)
-    return x
+    return _one_step_chain(ops.ddim_step, "ddim", model, x, schedule, steps, eta, cond, uncond, guidance,
+                           generator, callback, disable_progress, timesteps, spacing)
 
 
 @torch.no_grad()
@@ -144,17 +151,9 @@ def sample_euler_ancestral(model, x, schedule: Schedule, steps: int = 50, eta: f
                            disable_progress: bool = True, timesteps=None, spacing: str = "linspace"):
     """Euler-ancestral (k-diffusion `sample_euler_ancestral`): an Euler step down to σ_down,
     then fresh noise σ_up, σ_up² + σ_down² = σ'² (η scales σ_up)."""
-    ts, a = _plan(schedule, steps, timesteps, spacing)
-    cond_in, doubled = _guidance_setup(cond, uncond, guidance)
-    for i in tqdm(range(len(ts)), disable=disable_progress, desc="euler"):
-        out = _model_output(model, x, ts[i], cond_in, doubled)
-        noise = randn_like(x, generator) if eta > 0 and a[i + 1] < 1.0 else None
-        res = ops.euler_step(x, out, a[i], a[i + 1], eta=eta, noise=noise,
-                             parameterization=schedule.parameterization, guidance=guidance,
-                             return_x0=callback is not None)
-        x, x0 = res if callback is not None else (res, None)
-        _report(callback, i, ts[i], x, x0)
-    return x
+    return _one_step_chain(ops.euler_step, "euler", model, x, schedule, steps, eta, cond, uncond, guidance,
+                           generator, callback, disable_progress, timesteps, spacing)
+
 
 
 @torch.no_grad()
