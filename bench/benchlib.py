@@ -126,6 +126,29 @@ def set_threads(threads: int | None = None) -> int:
 
 # ----------------------------------------------------------------------------- timing
 
+def compiled_gpu_unavailable(script: str) -> int | None:
+    """None when compiled Triton kernels can be timed here; else says why and returns the exit
+    code (0: no CUDA, nothing to time; 1: TRITON_INTERPRET=1 would time the interpreter)."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device — nothing timed. The Triton kernels run here only under the "
+              "interpreter, whose speed says nothing about them; run this on a GPU "
+              "(bench/gpu_check.sh does).")
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print(f"{script}: TRITON_INTERPRET=1 is set; unset it to time compiled kernels.")
+        return 1
+    return None
+
+
+def triton_median_ms(fn) -> float:
+    """Median milliseconds of `fn` by triton.testing.do_bench (a single quantile comes back as
+    a float or a one-element list, by Triton version)."""
+    from triton.testing import do_bench
+
+    r = do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
+    return r[0] if isinstance(r, (list, tuple)) else r
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -361,6 +384,20 @@ def fd_with_noise(features, ref_stats, n_boot: int = 100, seed: int = 0) -> tupl
 
 
 # ----------------------------------------------------------------------------- results
+
+def write_report(payload: dict, out: Path, markdown: str, plot=None, extra: str = "") -> None:
+    """The JSON, the plot (`plot(payload, png_path)`, when given) and the Markdown table beside
+    it; prints the table and what was written."""
+    write_json(payload, out)
+    written = [out]
+    if plot is not None:
+        plot(payload, out.with_suffix(".png"))
+        written.append(out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown + "\n")
+    written.append(out.with_suffix(".md"))
+    print(markdown)
+    print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}" + (f" {extra}" if extra else ""))
+
 
 def write_json(payload: dict, out: str | os.PathLike) -> Path:
     out = Path(out)

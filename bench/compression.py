@@ -29,7 +29,6 @@ directories go to --work-dir (a temporary directory by default).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -187,13 +186,7 @@ def main(argv=None) -> int:
                          if info["device_type"] == "cpu" else ""]}
     if args.quick:
         payload["notes"].append("--quick: smoke run, numbers meaningless")
-    bl.write_json(payload, out)
-    plot(payload, out.with_suffix(".png"))
-    md = markdown(payload)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"\nwrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')} "
-          f"({payload['total_s']:.0f} s)")
+    bl.write_report(payload, out, markdown(payload), plot, extra=f"({payload['total_s']:.0f} s)")
     if tmp is not None:
         tmp.cleanup()
     return 0

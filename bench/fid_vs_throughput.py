@@ -40,7 +40,6 @@ import torch  # noqa: E402
 
 import benchlib as bl  # noqa: E402
 import throughput as tp  # noqa: E402
-from ldm_fast import ops  # noqa: E402
 from ldm_fast.config import get_preset  # noqa: E402
 from ldm_fast.data.procedural import ProceduralShapes  # noqa: E402
 
@@ -245,12 +244,7 @@ def main(argv=None) -> int:
     if args.smoke:
         payload["notes"] = ["--smoke: numbers meaningless"]
     out = Path(args.out) if args.out else bl.default_out("fid_vs_throughput", info, smoke=args.smoke)
-    bl.write_json(payload, out)
-    plot(payload, out.with_suffix(".png"))
-    md = markdown(payload)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"\nwrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')} ({payload['total_s']:.0f} s)")
+    bl.write_report(payload, out, markdown(payload), plot, extra=f"({payload['total_s']:.0f} s)")
     if tmp is not None:
         tmp.cleanup()
     return 1 if flags else 0

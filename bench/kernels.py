@@ -40,6 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
 # Data-sheet peaks: memory bandwidth (bytes/s) and dense fp16/bf16 tensor-core FLOP/s.
 # Matched on torch.cuda.get_device_name() substrings, most specific first. Unknown GPUs get
 # no fraction of peak (never a guessed one).
@@ -306,20 +309,9 @@ def main(argv=None):
     if args.smoke:
         return smoke(args)
 
-    if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device — nothing timed. The Triton kernels run here only "
-              "under the interpreter, whose speed says nothing about the kernels; run this on a "
-              "GPU (bench/gpu_check.sh does).")
-        return 0
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench/kernels.py: TRITON_INTERPRET=1 is set; unset it to time compiled kernels.")
-        return 1
-    from triton.testing import do_bench as _do_bench
-
-    def do_bench(fn):
-        # Median; a single quantile comes back as a float or a one-element list by version.
-        r = _do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
-        return r[0] if isinstance(r, (list, tuple)) else r
+    if (code := bl.compiled_gpu_unavailable("bench/kernels.py")) is not None:
+        return code
+    do_bench = bl.triton_median_ms
 
     env = environment()
     peaks = device_peaks(env["gpu"])

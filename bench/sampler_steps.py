@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
 # Data-sheet HBM bandwidth (bytes/s), matched on the device name, most specific first.
 PEAK_BW = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
            ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12),
@@ -190,21 +193,11 @@ def main(argv=None):
         print("SMOKE RUN: interpreter and CPU wall-clock timings, meaningless as speed.")
         return 1 if any("error" in i for r in rows for i in r["impl"].values()) else 0
 
-    if not torch.cuda.is_available():
-        print("bench/sampler_steps.py: no CUDA device — nothing timed. The fused kernels run here "
-              "only under the Triton interpreter, whose speed says nothing about them; run this on "
-              "a GPU.")
-        return 0
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench/sampler_steps.py: TRITON_INTERPRET=1 is set; unset it to time compiled kernels.")
-        return 1
-
+    if (code := bl.compiled_gpu_unavailable("bench/sampler_steps.py")) is not None:
+        return code
     import triton
-    from triton.testing import do_bench as _do_bench
 
-    def do_bench(fn):
-        r = _do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
-        return r[0] if isinstance(r, (list, tuple)) else r
+    do_bench = bl.triton_median_ms
 
     gpu = torch.cuda.get_device_name(0)
     src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")

@@ -643,11 +643,7 @@ def main(argv=None) -> int:
     default_sizes = "tiny,sd" if dev == "cuda" else "tiny"
     name = "throughput" if ",".join(sizes) == default_sizes else "throughput-" + "-".join(sizes)
     out = Path(args.out) if args.out else bl.default_out(name, info, smoke=args.quick)
-    bl.write_json(payload, out)
-    md = markdown(payload)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    bl.write_report(payload, out, markdown(payload))
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -281,11 +281,7 @@ def main(argv=None) -> int:
                "preset": args.preset, "results": rows, "skipped": skipped, "cache": cache_info,
                "smoke": args.quick}
     out = Path(args.out) if args.out else bl.default_out("train_throughput", info, smoke=args.quick)
-    bl.write_json(payload, out)
-    md = markdown(payload)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    bl.write_report(payload, out, markdown(payload))
     return 1 if any("error" in r for r in rows) else 0
 
 
