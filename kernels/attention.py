@@ -80,7 +80,16 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
 ):
+    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
+    # and are multiplied back here: the product tells the compiler their divisibility, which
+    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
+    # still load as 128-bit vectors (and qualify for cp.async).
+    sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
+    skh, skn = skh * ALIGN, skn * ALIGN
+    svb, svh, svn, sob = svb * ALIGN, svh * ALIGN, svn * ALIGN, sob * ALIGN
+    soh, som = soh * ALIGN, som * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -131,7 +140,14 @@ def _attn_bwd_delta_kernel(
     sob, soh, som, sod, sdb, sdh, sdm, sdd,
     H, LQ,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
 ):
+    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
+    # and are multiplied back here: the product tells the compiler their divisibility, which
+    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
+    # still load as 128-bit vectors (and qualify for cp.async).
+    sob, soh, som, sdb = sob * ALIGN, soh * ALIGN, som * ALIGN, sdb * ALIGN
+    sdh, sdm = sdh * ALIGN, sdm * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -159,7 +175,18 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
 ):
+    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
+    # and are multiplied back here: the product tells the compiler their divisibility, which
+    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
+    # still load as 128-bit vectors (and qualify for cp.async).
+    sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
+    skh, skn = skh * ALIGN, skn * ALIGN
+    svb, svh, svn, sdb = svb * ALIGN, svh * ALIGN, svn * ALIGN, sdb * ALIGN
+    sdh, sdm = sdh * ALIGN, sdm * ALIGN
+    sdkb, sdkh, sdkn, sdvb = sdkb * ALIGN, sdkh * ALIGN, sdkn * ALIGN, sdvb * ALIGN
+    sdvh, sdvn = sdvh * ALIGN, sdvn * ALIGN
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -222,7 +249,17 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
 ):
+    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
+    # and are multiplied back here: the product tells the compiler their divisibility, which
+    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
+    # still load as 128-bit vectors (and qualify for cp.async).
+    sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
+    skh, skn = skh * ALIGN, skn * ALIGN
+    svb, svh, svn, sdb = svb * ALIGN, svh * ALIGN, svn * ALIGN, sdb * ALIGN
+    sdh, sdm = sdh * ALIGN, sdm * ALIGN
+    sdqb, sdqh, sdqm = sdqb * ALIGN, sdqh * ALIGN, sdqm * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -285,61 +322,75 @@ _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 
 
 # Autotuning candidates per kernel and padded head dim: (owner block, streamed block, warps,
-# stages), the owner being the query block for fwd/dq and the key block for dkdv. Pruned
-# offline: every kernel below was compiled for sm_90 (triton 3.9, no GPU needed) and
-# configurations that spilled registers to local memory were dropped — wide heads
-# (BLOCK_D 256, SD's 160) only keep small tiles or 8 warps. Those that still fail on some
-# GPU/Triton version are discarded by the autotuner itself (OutOfResources). The first
-# entry is the default when autotuning is off.
+# stages), the owner being the query block for fwd/dq and the key block for dkdv. Every one is
+# compiled for sm_90 by kernels/ptx_audit.py (in CI, no GPU needed), which holds them to: no
+# spills or stack, 128-bit loads staged through cp.async, wgmma for 64-row tiles. Pruned on
+# that evidence (triton 3.6 and 3.9):
+#   * 32-row owner blocks in 16-bit: Hopper's wgmma needs 64 rows per warpgroup, so these
+#     compile to the older mma.sync — wide heads (BLOCK_D 256, SD's 160) now use 64-row
+#     owners with short streamed blocks instead (64×16 dK/dV: 251 registers, no spills);
+#   * BLOCK_M 128 at 4 warps (227–233 registers) and the 4-warp BLOCK_D 256 backward tiles
+#     (240–255 registers, stack frames): no headroom, spill-prone across Triton versions.
+# The first entry is the default when autotuning is off.
 _CANDIDATES = {
-    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
-                  (128, 32, 4, 4), (64, 64, 4, 4)],
+    ("fwd", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+                  (64, 64, 4, 4)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 3), (64, 64, 4, 3),
                    (64, 32, 4, 4)],
-    ("fwd", 256): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2),
-                   (32, 32, 4, 2)],
+    ("fwd", 256): [(64, 32, 8, 2), (64, 16, 8, 2)],
     ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
                  (128, 128, 8, 2)],
-    ("dq", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 32, 4, 3)],
-    ("dq", 256): [(32, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2)],
+    ("dq", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)],
+    ("dq", 256): [(64, 32, 8, 2), (64, 16, 8, 2)],
     ("dkdv", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
                    (64, 64, 8, 3)],
-    ("dkdv", 128): [(64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 3), (32, 64, 4, 3)],
-    ("dkdv", 256): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)],
+    ("dkdv", 128): [(64, 64, 8, 3), (64, 32, 8, 3)],
+    ("dkdv", 256): [(64, 16, 8, 2)],
 }
+# fp32 runs IEEE fp32 dots on the FMA pipes (no tensor cores), with every tile in 32-bit
+# registers: 64×64 tiles and larger compiled to 255 registers with 100–690-byte stack frames,
+# these two to under 90 registers and none.
+_FP32_CANDIDATES = [(64, 32, 8, 2), (32, 32, 4, 2)]
 
 
-def _gpu_configs(kind: str, block_d: int):
-    cand = _CANDIDATES[(kind, min(max(block_d, 64), 256))]
+def _gpu_configs(kind: str, block_d: int, fp32: bool = False):
+    cand = _FP32_CANDIDATES if fp32 else _CANDIDATES[(kind, min(max(block_d, 64), 256))]
     owner, streamed = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
     return [triton.Config({owner: o, streamed: s}, num_warps=w, num_stages=st)
             for o, s, w, st in cand]
 
 
-def _fixed_gpu_config(kind: str, block_d: int):
+def _fixed_gpu_config(kind: str, block_d: int, fp32: bool = False):
     """The first candidate, used when autotuning is switched off (LDM_ATTN_AUTOTUNE=0)."""
-    cfg = _gpu_configs(kind, block_d)[0]
+    cfg = _gpu_configs(kind, block_d, fp32)[0]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, block_d: int):
+def _tuned(kind: str, block_d: int, fp32: bool):
     kernel = {"fwd": _fwd, "dq": _dq, "dkdv": _dkdv}[kind]
-    return triton.autotune(configs=_gpu_configs(kind, block_d),
+    return triton.autotune(configs=_gpu_configs(kind, block_d, fp32),
                            key=["LQ", "LK", "HEAD_DIM"])(kernel)
 
 
 def _launch(kind: str, x: torch.Tensor, grid, block_d: int, *args, **const):
     """Run `kind` with interpreter blocks on CPU, autotuned configs on GPU."""
-    if not x.is_cuda:
+    if not _on_gpu(x):
         kernel = {"fwd": _fwd, "dq": _dq, "dkdv": _dkdv}[kind]
         kernel[grid(_INTERP_BLOCKS)](*args, **const, **_INTERP_BLOCKS)
     elif os.environ.get("LDM_ATTN_AUTOTUNE", "1") == "0":
         kernel = {"fwd": _fwd, "dq": _dq, "dkdv": _dkdv}[kind]
-        cfg = _fixed_gpu_config(kind, block_d)
+        cfg = _fixed_gpu_config(kind, block_d, x.dtype == torch.float32)
         kernel[grid(cfg)](*args, **const, **cfg)
     else:
-        _tuned(kind, block_d)[grid](*args, **const)
+        _tuned(kind, block_d, x.dtype == torch.float32)[grid](*args, **const)
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    """Whether launches take the compiled-GPU path (autotuned configs, real bf16 dots). The one
+    place that decides it, so the offline sm_90 audit (kernels/ptx_audit.py) can ask for the
+    GPU path with tensors that only describe shapes."""
+    return x.is_cuda
 
 
 def _consts(q: torch.Tensor):
@@ -348,8 +399,33 @@ def _consts(q: torch.Tensor):
     # fp32: IEEE dots (no TF32); 16-bit: the default (the precision flag only concerns fp32).
     prec = "ieee" if q.dtype == torch.float32 else None
     # bf16 dots are broken in the CPU interpreter: emulate them in fp32 there.
-    dot_fp32 = q.dtype == torch.bfloat16 and not q.is_cuda
+    dot_fp32 = q.dtype == torch.bfloat16 and not _on_gpu(q)
     return dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_FP32=dot_fp32, PREC=prec)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _align(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes if every tensor starts on a 16-byte boundary and all its strides
+    but the head dim's are multiples of that, else 1: the unit the kernels take those strides
+    in (see ALIGN in the kernels). Strides near the int32 limit keep unit 1, so that scaling
+    them back inside a kernel can never overflow 32-bit arithmetic."""
+    unit = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or any(st % unit or st * unit > _INT32_MAX
+                                    for st in t.stride()[:-1]):
+            return 1
+    return unit
+
+
+def _strides(align: int, *tensors: torch.Tensor):
+    """(batch, head, row) strides in units of `align`, then the head-dim stride, per tensor."""
+    out = []
+    for t in tensors:
+        *outer, sd = t.stride()
+        out += [st // align for st in outer] + [sd]
+    return out
 
 
 def _attn_forward(q, k, v):
@@ -359,9 +435,10 @@ def _attn_forward(q, k, v):
     lse = torch.empty((B * H, LQ), device=q.device, dtype=torch.float32)
     c = _consts(q)
     scale = 1.0 / math.sqrt(D)
+    align = _align(q, k, v, o)
     _launch("fwd", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), c["BLOCK_D"],
-            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, LQ, LK, scale * _LOG2E, **c)
+            q, k, v, o, lse, *_strides(align, q, k, v, o),
+            H, LQ, LK, scale * _LOG2E, **c, ALIGN=align)
     return o, lse
 
 
@@ -372,17 +449,19 @@ def _attn_backward(do, q, k, v, o, lse):
     scale = 1.0 / math.sqrt(D)
     delta = torch.empty_like(lse)
     bm = max(16, 4096 // c["BLOCK_D"])   # o and dO tiles of 4096 elements: no spills at D=256
+    align = _align(o, do)
     _attn_bwd_delta_kernel[(triton.cdiv(LQ, bm), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, LQ,
-        HEAD_DIM=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=bm)
+        o, do, delta, *_strides(align, o, do), H, LQ,
+        HEAD_DIM=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=bm, ALIGN=align)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    align = _align(q, k, v, do, dq, dk, dv)
+    strides = _strides(align, q, k, v, do)
     _launch("dkdv", q, lambda m: (triton.cdiv(LK, m["BLOCK_N"]), B * H), c["BLOCK_D"],
-            q, k, v, do, dk, dv, lse, delta, *strides, *dk.stride(), *dv.stride(),
-            H, LQ, LK, scale, scale * _LOG2E, **c)
+            q, k, v, do, dk, dv, lse, delta, *strides, *_strides(align, dk, dv),
+            H, LQ, LK, scale, scale * _LOG2E, **c, ALIGN=align)
     _launch("dq", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), c["BLOCK_D"],
-            q, k, v, do, dq, lse, delta, *strides, *dq.stride(),
-            H, LQ, LK, scale, scale * _LOG2E, **c)
+            q, k, v, do, dq, lse, delta, *strides, *_strides(align, dq),
+            H, LQ, LK, scale, scale * _LOG2E, **c, ALIGN=align)
     return dq, dk, dv
 
 

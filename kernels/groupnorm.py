@@ -546,6 +546,19 @@ def _mod_strides(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
+def wide_loads_expected(cpg: int, hw: int, channels_last: bool) -> tuple[bool, str]:
+    """Whether this layout lets the kernels load x as 128-bit vectors, and if not why — what
+    kernels/ptx_audit.py holds each compiled case to. A tile is [channels of one group ×
+    positions]: channels-first it runs along HW (contiguous); channels-last along the group's
+    own channels, whose start g·CPG the compiler can only prove 16-byte aligned when CPG is a
+    multiple of 16 that also fills a power-of-two block without masking."""
+    if not channels_last:
+        return (hw % 8 == 0, "" if hw % 8 == 0 else f"HW = {hw} is not a multiple of 8")
+    ok = cpg % 16 == 0 and cpg & (cpg - 1) == 0
+    return ok, "" if ok else (f"known gap: channels-last tiles stay inside one group of {cpg} "
+                              "channels (scalar loads; needs tiles across groups)")
+
+
 def _check(x, num_groups, weight, bias, scale, shift, add=None):
     if x.dim() < 2:
         raise ValueError(f"group_norm: expected (B, C, *spatial), got shape {tuple(x.shape)}")

@@ -268,6 +268,13 @@ def _block_size(n: int) -> int:
     return 1024 if n >= (1 << 20) else 256
 
 
+def _num_warps(block: int) -> int:
+    # 8 elements per thread: two 128-bit fp32 loads (one for fp16) per operand. At 4 warps a
+    # 256 block gives 2 per thread, and the sm_90 audit (kernels/ptx_audit.py) showed it
+    # compiling to 64-bit loads.
+    return max(1, block // 256)
+
+
 def _dense(t: Tensor, like: Tensor) -> Tensor:
     """t with the same memory order as `like`, so one flat index addresses both."""
     if like.is_contiguous():
@@ -295,7 +302,7 @@ def _launch(x, out, prev, noise, k, d, write_x0):
         x, c, u, prev if prev is not None else x, noise if noise is not None else x,
         x_next, x0, n, *[float(v) for v in k], *[float(v) for v in d],
         GUIDED=guided, HAS_PREV=prev is not None, HAS_NOISE=noise is not None,
-        WRITE_X0=write_x0, BLOCK_SIZE=block, num_warps=4,
+        WRITE_X0=write_x0, BLOCK_SIZE=block, num_warps=_num_warps(block),
     )
     return x_next, (x0 if write_x0 else x.new_empty(0))
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from ldm_fast import ops
 from ldm_fast.kernels import attention as at
 from ldm_fast.kernels import groupnorm as gn
-from test_kernels_groupnorm import compile_for_sm90
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -225,36 +224,6 @@ def test_torch_compile_fullgraph_inductor():
     """The same with Inductor, which generates code for everything around the custom ops
     (C++ on CPU: 15–40 s here, most of it compiling; Triton on a GPU)."""
     _compiled_matches_eager("inductor")
-
-
-# ----------------------------------------------------------------------------- GPU code, no GPU
-
-def test_kernels_compile_for_sm90():
-    """Forward, delta, dQ and dK/dV kernels compiled to sm_90 machine code without a GPU (see
-    test_kernels_groupnorm.compile_for_sm90): fp16 at head dim 40 with ragged lengths, bf16
-    (real bf16 dots) at 160 with even ones, each with its default GPU configuration; fp32
-    (IEEE dots) forward only, its backward takes ptxas ~20 s more."""
-    m = "ldm_fast.kernels.attention"
-    kernels = (("fwd", "_attn_fwd_kernel", "EVEN_N"), ("dq", "_attn_bwd_dq_kernel", "EVEN_N"),
-               ("dkdv", "_attn_bwd_dkdv_kernel", "EVEN_M"))
-    jobs = []
-    for dtype, D, even in ((torch.float16, 40, False), (torch.bfloat16, 160, True),
-                           (torch.float32, 40, False)):
-        dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        ptrs = {a: "*" + dt for a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        ptrs.update(LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32")
-        c = at._consts(torch.empty(1, 1, 1, D, dtype=dtype))
-        c.update(sqd=1, skd=1, svd=1, sod=1, sdd=1, DOT_FP32=False)   # as on a GPU
-        for kind, name, flag in kernels[:1] if dtype == torch.float32 else kernels:
-            cfg = at._fixed_gpu_config(kind, c["BLOCK_D"])
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            args = getattr(at, name).arg_names
-            consts = {k: v for k, v in {**c, **cfg, flag: even}.items() if k in args}
-            jobs.append((m, name, ptrs, consts, warps, stages))
-        args = at._attn_bwd_delta_kernel.arg_names
-        jobs.append((m, "_attn_bwd_delta_kernel", ptrs,
-                     {k: v for k, v in dict(c, BLOCK_M=64).items() if k in args}, 4, 1))
-    compile_for_sm90(jobs)
 
 
 def test_benchmark_script_smoke():
