@@ -321,6 +321,8 @@ def main(argv=None):
           f"peaks {peaks}; measured copy {env['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
     sizes = set(args.sizes.split(","))
     rows = []
+    out = Path(args.out or "bench/results/kernels.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for dname in args.dtype.split(","):
         dtype = DTYPES[dname]
         if args.only in (None, "groupnorm"):
@@ -328,9 +330,10 @@ def main(argv=None):
                                   env["copy_bandwidth_GBps"] * 1e9)
         if args.only in (None, "attention"):
             rows += run_attention(do_bench, dtype, sizes, peaks)
+        # Written after every dtype: a run stopped by its time budget keeps what it measured.
+        out.write_text(json.dumps({"environment": env, "results": rows, "partial": True},
+                                  indent=1))
 
-    out = Path(args.out or "bench/results/kernels.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
     table = markdown(rows)
     out.with_suffix(".md").write_text(

@@ -327,8 +327,10 @@ _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 # spills or stack, 128-bit loads staged through cp.async, wgmma for 64-row tiles. Pruned on
 # that evidence (triton 3.6 and 3.9):
 #   * 32-row owner blocks in 16-bit: Hopper's wgmma needs 64 rows per warpgroup, so these
-#     compile to the older mma.sync — wide heads (BLOCK_D 256, SD's 160) now use 64-row
-#     owners with short streamed blocks instead (64×16 dK/dV: 251 registers, no spills);
+#     compile to the older mma.sync — wide heads (BLOCK_D 256, SD's 160) use 64-row owners
+#     with short streamed blocks instead. The exception is dK/dV at BLOCK_D 256: its 64-row
+#     tile holds k, v, dk and dv [64 × 256] in registers (251 of them) and got a stack frame
+#     with triton 3.9 for 77-key inputs, so it keeps the 32-row mma.sync tile;
 #   * BLOCK_M 128 at 4 warps (227–233 registers) and the 4-warp BLOCK_D 256 backward tiles
 #     (240–255 registers, stack frames): no headroom, spill-prone across Triton versions.
 # The first entry is the default when autotuning is off.
@@ -345,7 +347,7 @@ _CANDIDATES = {
     ("dkdv", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
                    (64, 64, 8, 3)],
     ("dkdv", 128): [(64, 64, 8, 3), (64, 32, 8, 3)],
-    ("dkdv", 256): [(64, 16, 8, 2)],
+    ("dkdv", 256): [(32, 32, 8, 2)],
 }
 # fp32 runs IEEE fp32 dots on the FMA pipes (no tensor cores), with every tile in 32-bit
 # registers: 64×64 tiles and larger compiled to 255 registers with 100–690-byte stack frames,

@@ -4,13 +4,19 @@ Models and samplers reach GroupNorm(+SiLU), attention and the sampler updates on
 the functions below, so flipping the backend changes nothing else. The backend is chosen,
 in order of precedence, by `set_backend()` (the CLIs' `--kernels` flag and the config's
 `kernels` field call it), the environment variable ``LDM_KERNELS=eager|triton|auto``, and
-the default ``auto``: Triton for CUDA tensors, eager elsewhere.
+the default ``auto``. ``auto`` runs a Triton kernel on CUDA tensors only where a committed GPU
+measurement showed it beating eager PyTorch (kernels/measured_defaults.json, written from
+bench/gpu_check.sh's results by bench/kernel_defaults.py); until an op has such a win it stays
+opt-in (``LDM_KERNELS=triton``). CPU tensors always run eagerly under ``auto``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import warnings
+from importlib import resources
 
 import torch
 
@@ -50,13 +56,26 @@ def _say_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether the op on tensor `x` runs the Triton kernel under the current backend."""
+@functools.lru_cache(maxsize=None)
+def measured_wins() -> dict:
+    """{op: [dtype names]} for which a GPU measurement showed the kernel faster than eager
+    (the package's kernels/measured_defaults.json; no file or no entry: no win)."""
+    try:
+        text = (resources.files("ldm_fast.kernels") / "measured_defaults.json").read_text()
+        return json.loads(text).get("auto", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
+    """Whether the op `op` on tensor `x` runs the Triton kernel under the current backend."""
     name = get_backend()
     if name == "eager":
         return False
     if name == "auto":
-        return x.is_cuda and _triton_usable(x)
+        dtype = str(x.dtype).replace("torch.", "")
+        return (x.is_cuda and dtype in measured_wins().get(op, ())
+                and _triton_usable(x))
     if not _triton_usable(x):
         _say_once("triton-fallback", f"LDM_KERNELS=triton but Triton cannot run on {x.device} "
                   "tensors (no CUDA, TRITON_INTERPRET unset); using eager ops")
@@ -75,7 +94,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, act=False, scale=None, shi
     embedding) → optional x·(1+scale)+shift (scale, shift: (B, C)) → optional SiLU.
     Statistics in fp32 whatever the input dtype."""
     from ldm_fast.kernels import groupnorm as k
-    if use_triton(x):
+    if use_triton(x, "group_norm"):
         if k.supports(x):
             return k.group_norm(x, num_groups, weight, bias, eps, act=act, scale=scale,
                                 shift=shift, add=add)
@@ -91,7 +110,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, act=False, scale=None, shi
 def attention(q, k, v):
     """Softmax attention, q: (B, H, Lq, D), k and v: (B, H, Lk, D), scale 1/sqrt(D)."""
     from ldm_fast.kernels import attention as kern
-    if use_triton(q):
+    if use_triton(q, "attention"):
         if kern.supports(q, k, v):
             return kern.attention(q, k, v)
         _say_once("attention-fallback", f"attention: no Triton kernel for q{tuple(q.shape)} "
@@ -116,7 +135,7 @@ def ddim_step(x, out, a_t, a_next, eta=0.0, noise=None, parameterization="eps", 
     """DDIM step ᾱ: a_t → a_next (1.0 = clean); η = 1 is DDPM's ancestral step. Returns x_next,
     or (x_next, x0) with return_x0."""
     k = _sampler_steps()
-    fn = k.ddim_step if use_triton(x) else k.ddim_step_ref
+    fn = k.ddim_step if use_triton(x, "sampler_step") else k.ddim_step_ref
     return fn(x, out, a_t, a_next, eta=eta, noise=noise, parameterization=parameterization,
               guidance=guidance, return_x0=return_x0)
 
@@ -125,7 +144,7 @@ def euler_step(x, out, a_t, a_next, eta=0.0, noise=None, parameterization="eps",
                return_x0=False):
     """Euler (η = 0) / Euler-ancestral (η > 0) step in σ = √((1 − ᾱ)/ᾱ)."""
     k = _sampler_steps()
-    fn = k.euler_step if use_triton(x) else k.euler_step_ref
+    fn = k.euler_step if use_triton(x, "sampler_step") else k.euler_step_ref
     return fn(x, out, a_t, a_next, eta=eta, noise=noise, parameterization=parameterization,
               guidance=guidance, return_x0=return_x0)
 
@@ -134,7 +153,7 @@ def dpmpp_2m_step(x, out, a_t, a_next, x0_prev=None, a_prev=None, parameterizati
                   guidance=1.0):
     """DPM-Solver++(2M) step; returns (x_next, x0), x0 being the next call's x0_prev."""
     k = _sampler_steps()
-    fn = k.dpmpp_2m_step if use_triton(x) else k.dpmpp_2m_step_ref
+    fn = k.dpmpp_2m_step if use_triton(x, "sampler_step") else k.dpmpp_2m_step_ref
     return fn(x, out, a_t, a_next, x0_prev=x0_prev, a_prev=a_prev,
               parameterization=parameterization, guidance=guidance)
 
