@@ -94,6 +94,7 @@ def _gn_stats_kernel(
     ITERS,        # spatial tiles per chunk
     ADD, sab, sac,  # (B, C) bias added to x before the statistics (unused if not HAS_ADD)
     HAS_ADD: tl.constexpr,
+    WIDE: tl.constexpr,  # 64-bit spatial offsets: channels-last position × C can pass 2³¹
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)   # which (sample, group)
@@ -116,6 +117,7 @@ def _gn_stats_kernel(
     m2 = 0.0
     for it in range(0, ITERS):
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_s = _wide(offs_s, WIDE)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
         x = _shifted(tl.load(base + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
                      HAS_ADD)
@@ -152,6 +154,14 @@ def _gn_group_stats(PART, pid_bg, NSPLIT, total, eps, BLOCK_P: tl.constexpr):
     var = (tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / n
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
     return mean, rstd
+
+
+@triton.jit
+def _wide(offs, WIDE: tl.constexpr):
+    """Spatial offsets in 64 bits when the launcher says position × stride can overflow 32."""
+    if WIDE:
+        offs = offs.to(tl.int64)
+    return offs
 
 
 @triton.jit
@@ -234,6 +244,7 @@ def _gn_fwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -259,6 +270,7 @@ def _gn_fwd_kernel(
 
     # Stage 3: the tile — one multiply-add, optional SiLU, one store in the output dtype.
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_s = _wide(offs_s, WIDE)
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     chl = ch.to(tl.int64)[:, None]
     x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
@@ -277,6 +289,7 @@ def _gn_fwd_single_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Whole group in one tile (small groups: the UNet's 8×8 level, the tiny preset): one
@@ -287,6 +300,7 @@ def _gn_fwd_single_kernel(
     g = pid_bg % G
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
+    offs_s = _wide(offs_s, WIDE)
     mask_c = offs_c < CPG
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     ch = g * CPG + offs_c
@@ -319,6 +333,7 @@ def _gn_bwd_reduce_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -343,6 +358,7 @@ def _gn_bwd_reduce_kernel(
     acc2 = tl.zeros([BLOCK_C], tl.float32)
     for it in range(0, ITERS):
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_s = _wide(offs_s, WIDE)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
         x = _shifted(tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask, HAS_ADD)
         dy = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
@@ -368,6 +384,7 @@ def _gn_bwd_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -424,6 +441,7 @@ def _gn_bwd_dx_kernel(
 
     # Stage 4: dx = r·(dv·(1+scale)·w − c1 − x̂·c2) for the tile.
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_s = _wide(offs_s, WIDE)
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     chl = ch.to(tl.int64)[:, None]
     bl = b.to(tl.int64)
@@ -448,6 +466,7 @@ def _gn_bwd_single_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """The backward of _gn_fwd_single_kernel: one program per (sample, group) reads x and dy
@@ -459,6 +478,7 @@ def _gn_bwd_single_kernel(
     rstd = tl.load(RSTD + pid_bg)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
+    offs_s = _wide(offs_s, WIDE)
     mask_c = offs_c < CPG
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     ch = g * CPG + offs_c
@@ -507,6 +527,8 @@ _MAX_BLOCK_C = 256
 # kernels (one launch, x read once); 0 forces the split path (tests use it).
 _SINGLE_MAX = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Spatial offsets (position × spatial stride) from this size on are computed in 64 bits.
+_WIDE_LIMIT = 2**31
 
 
 def _plan(cpg: int, hw: int):
@@ -574,11 +596,15 @@ def _check(x, num_groups, weight, bias, scale, shift, add=None):
             raise ValueError(f"group_norm: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _add_args(add, dummy):
-    """The pre-norm bias's kernel arguments: pointer, (batch, channel) strides, flag."""
+def _add_args(add, dummy, *tensors3):
+    """Arguments every kernel takes beside x: the pre-norm bias (pointer, (batch, channel)
+    strides, flag), and WIDE — whether a spatial offset, position × spatial stride of any of
+    the (B, C, HW) views, can pass 2³¹ (channels-last tensors of over 2³¹ elements per sample:
+    a 2048² decoder level at 512 channels). Batch and channel offsets are always 64-bit."""
+    wide = any(t.shape[2] * t.stride(2) >= _WIDE_LIMIT for t in tensors3)
     if add is None:
-        return dict(ADD=dummy, sab=0, sac=0, HAS_ADD=False)
-    return dict(ADD=add, sab=add.stride(0), sac=add.stride(1), HAS_ADD=True)
+        return dict(ADD=dummy, sab=0, sac=0, HAS_ADD=False, WIDE=wide)
+    return dict(ADD=add, sab=add.stride(0), sac=add.stride(1), HAS_ADD=True, WIDE=wide)
 
 
 def _gn_forward(x, weight, bias, scale, shift, add, num_groups, eps, act):
@@ -598,7 +624,7 @@ def _gn_forward(x, weight, bias, scale, shift, add, num_groups, eps, act):
               scale if scale is not None else dummy, shift if shift is not None else dummy)
     strides = (*x3.stride(), *y3.stride(), *_mod_strides(scale), *_mod_strides(shift))
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy))
+                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy, x3, y3))
     if single:
         _gn_fwd_single_kernel[(B * G,)](
             x3, y3, mean, rstd, *params, *strides, hw, G, cpg, eps, **flags,
@@ -607,7 +633,7 @@ def _gn_forward(x, weight, bias, scale, shift, add, num_groups, eps, act):
     nsplit = n_chunk * n_cblk
     part = torch.empty((3, B * G, nsplit), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[(B * G, n_chunk, n_cblk)](
-        x3, part, *x3.stride(), hw, G, cpg, nsplit, iters, **_add_args(add, dummy),
+        x3, part, *x3.stride(), hw, G, cpg, nsplit, iters, **_add_args(add, dummy, x3),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
     _gn_fwd_kernel[(B * G, n_stile, n_cblk)](
         x3, y3, part, mean, rstd, *params, *strides, hw, G, cpg, nsplit, eps, **flags,
@@ -635,7 +661,7 @@ def _gn_backward(dy, x, weight, bias, scale, shift, add, mean, rstd, num_groups,
     w_, b_ = (weight if weight is not None else dummy), (bias if bias is not None else dummy)
     s_, h_ = (scale if scale is not None else dummy), (shift if shift is not None else dummy)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy))
+                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy, x3, dy3, dx3))
     nw = _num_warps(block_c, block_s)
     if single:
         _gn_bwd_single_kernel[(B * G,)](

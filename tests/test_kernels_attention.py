@@ -271,3 +271,17 @@ def test_groupnorm_attention_fp32_gpu():
     x = torch.randn(2, 64, 9, 7, device=DEVICE)
     torch.testing.assert_close(gn.group_norm(x, 32, act=True), gn.group_norm_ref(x, 32, act=True),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_batch_offsets_beyond_int32():
+    """q/k/v whose second batch element starts 2³¹ elements into the storage (reserved, not
+    touched): batch and head offsets must be 64-bit."""
+    store = torch.empty(2**31 + 1024, dtype=torch.float16, device=DEVICE)
+    q = store.as_strided((2, 1, 16, 16), (2**31, 256, 16, 1))
+    q.copy_(torch.randn(2, 1, 16, 16))
+    # k shared by the batch (stride 0, as an expanded context), v an ordinary tensor
+    k = torch.randn(1, 1, 24, 16, dtype=torch.float16, device=DEVICE).expand(2, 1, 24, 16)
+    v = torch.randn(2, 1, 24, 16, dtype=torch.float16, device=DEVICE)
+    o = at.attention(q, k, v)
+    ref = at.attention_ref(q.contiguous(), k.contiguous(), v, upcast=True)
+    assert (o.float() - ref.float()).abs().max().item() < 2e-3

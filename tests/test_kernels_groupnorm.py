@@ -180,6 +180,38 @@ def test_pre_norm_bias_is_the_resblock_sum():
     assert _err(y, y_sum) <= 1e-5 * y_sum.abs().max().item()
 
 
+# ----------------------------------------------------------------------------- 32-bit limits
+
+def test_spatial_offsets_go_64_bit_only_where_needed():
+    """Channels-last at 512 channels: a 2048² level (2³¹ elements per sample) needs 64-bit
+    spatial offsets, the 1024² decoder level does not; channels-first never (its spatial
+    stride is 1 and channel offsets are always 64-bit)."""
+    def wide(shape, cl):
+        x = torch.empty(shape, device="meta", dtype=torch.float16)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        return gn._add_args(None, x, gn._as_bcs(x))["WIDE"]
+    assert wide((1, 512, 2048, 2048), True)
+    assert not wide((1, 512, 1024, 1024), True)
+    assert not wide((4, 512, 2048, 2048), False)
+
+
+def test_64_bit_spatial_path_matches(monkeypatch, path):
+    monkeypatch.setattr(gn, "_WIDE_LIMIT", 0)
+    _compare((2, 24, 7, 9), 8, torch.float32, "gn_add_silu", channels_last=True)
+
+
+def test_batch_offsets_beyond_int32(path):
+    """The second sample starts 2³¹ elements into its storage (4 GiB of fp16, reserved but
+    never touched): every batch offset must be 64-bit."""
+    store = torch.empty(2**31 + 128, dtype=torch.float16, device=DEVICE)
+    x = store.as_strided((2, 8, 4, 4), (2**31, 16, 4, 1))
+    x.copy_(torch.randn(2, 8, 4, 4))
+    y = gn.group_norm(x, 4, act=True)
+    ref = gn.group_norm_ref(x.contiguous(), 4, act=True)
+    assert _err(y, ref) <= 2 * torch.finfo(torch.float16).eps * ref.abs().max().item()
+
+
 def test_bad_inputs_raise():
     x = torch.randn(2, 10, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="divisible"):
