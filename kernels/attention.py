@@ -19,11 +19,14 @@ _attn_bwd_dkdv_kernel owns a block of keys and streams over all queries (no atom
 _attn_bwd_dq_kernel owns a block of queries and streams over all keys. Recomputing the
 scores in both costs one extra q·kᵀ but keeps each kernel free of cross-program reductions.
 
-Awkward sizes: the head dim is padded to the next power of two (40 → 64, 80 → 128,
-160 → 256) with masked loads (zeros change neither q·kᵀ nor p·v), and sequence tails are
-masked: keys past Lk get a score of −inf, queries past Lq are never stored. Every key block
-holds at least one real key, so the running maximum is finite after the first block and no
-row ever sees 0/0.
+Head dims: Triton's blocks are powers of two, and padding SD's head dims to the next one
+(40 → 64, 80 → 128, 160 → 256) would spend ~37% of every MMA on zeros. Instead a head dim is
+handled as one or two slices (head_dim_blocks: 40 = 32 + 16 (8 masked), 80 = 64 + 16,
+160 = 128 + 32): q·kᵀ sums one dot per slice, p·v and the gradients keep one accumulator per
+slice. Columns past the head dim are masked loads (zeros change neither q·kᵀ nor p·v).
+Sequence tails are masked: keys past Lk get a score of −inf, queries past Lq are never
+stored. Every key block holds at least one real key, so the running maximum is finite after
+the first block and no row ever sees 0/0.
 
 Precision: products feed tl.dot in the input dtype with fp32 accumulation; softmax state is
 fp32; fp32 inputs use IEEE fp32 dots (no TF32) so the fp32 path matches the fp32 reference
@@ -70,6 +73,22 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, row_stride, offs_d, d_stride, mask_rows, HEAD_DIM: tl.constexpr):
+    """A [rows × head-dim slice] tile; rows past the sequence and columns past HEAD_DIM read 0
+    (zeros change neither q·kᵀ nor p·v)."""
+    return tl.load(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride,
+                   mask=mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, row_stride, offs_d, d_stride, mask_rows, value,
+                HEAD_DIM: tl.constexpr):
+    tl.store(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride,
+             value.to(base.dtype.element_ty),
+             mask=mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,      # (B, H, Lq|Lk, D) through the strides below (any layout, e.g. a transposed view)
     O,            # (B, H, Lq, D) output, q's dtype
@@ -77,7 +96,7 @@ def _attn_fwd_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, LQ, LK,
     qk_scale,     # softmax scale · log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
     ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
@@ -87,49 +106,60 @@ def _attn_fwd_kernel(
     # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
     # still load as 128-bit vectors (and qualify for cp.async).
     sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
-    skh, skn = skh * ALIGN, skn * ALIGN
-    svb, svh, svn, sob = svb * ALIGN, svh * ALIGN, svn * ALIGN, sob * ALIGN
-    soh, som = soh * ALIGN, som * ALIGN
+    skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
+    svn, sob, soh, som = svn * ALIGN, sob * ALIGN, soh * ALIGN, som * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d0 = tl.arange(0, BLOCK_D0)
     mask_m = offs_m < LQ
-    mask_d = offs_d < HEAD_DIM
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
 
-    # Stage 1: this program's queries stay in registers for the whole key loop.
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
-    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
-
+    # Stage 1: this program's queries stay in registers for the whole key loop, as one or
+    # two head-dim slices (see "Head dims" in the module docstring).
+    q0 = _load_rows(q_base, offs_m, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_rows(q_base, offs_m, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
     # Stage 2: online softmax over key blocks.
     for start_n in range(0, LK, BLOCK_N):
         kn = start_n + offs_n
         mask_n = kn < LK
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kn[:, None] * skn, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_FP32, PREC) * qk_scale
+        s = _dot(q0, tl.trans(_load_rows(k_base, kn, skn, offs_d0, skd, mask_n, HEAD_DIM)),
+                 DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            s += _dot(q1, tl.trans(_load_rows(k_base, kn, skn, offs_d1, skd, mask_n, HEAD_DIM)),
+                      DOT_FP32, PREC)
+        s = s * qk_scale
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + kn[:, None] * svn, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PREC)
+        p = p.to(V.dtype.element_ty)
+        acc0 = acc0 * alpha[:, None] + _dot(
+            p, _load_rows(v_base, kn, svn, offs_d0, svd, mask_n, HEAD_DIM), DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            acc1 = acc1 * alpha[:, None] + _dot(
+                p, _load_rows(v_base, kn, svn, offs_d1, svd, mask_n, HEAD_DIM), DOT_FP32, PREC)
         m_i = m_new
 
     # Stage 3: normalise, store o and the row log-sum-exp.
-    acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    o_base = O + b * sob + h * soh
+    _store_rows(o_base, offs_m, som, offs_d0, sod, mask_m, acc0 / l_i[:, None], HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_rows(o_base, offs_m, som, offs_d1, sod, mask_m, acc1 / l_i[:, None], HEAD_DIM)
     tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -172,19 +202,15 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, LQ, LK,
     sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
     ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
 ):
-    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
-    # and are multiplied back here: the product tells the compiler their divisibility, which
-    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
-    # still load as 128-bit vectors (and qualify for cp.async).
+    # Strides in units of ALIGN (see _attn_fwd_kernel).
     sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
-    skh, skn = skh * ALIGN, skn * ALIGN
-    svb, svh, svn, sdb = svb * ALIGN, svh * ALIGN, svn * ALIGN, sdb * ALIGN
-    sdh, sdm = sdh * ALIGN, sdm * ALIGN
+    skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
+    svn, sdb, sdh, sdm = svn * ALIGN, sdb * ALIGN, sdh * ALIGN, sdm * ALIGN
     sdkb, sdkh, sdkn, sdvb = sdkb * ALIGN, sdkh * ALIGN, sdkn * ALIGN, sdvb * ALIGN
     sdvh, sdvn = sdvh * ALIGN, sdvn * ALIGN
     pid_n = tl.program_id(0)
@@ -193,48 +219,63 @@ def _attn_bwd_dkdv_kernel(
     h = (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d0 = tl.arange(0, BLOCK_D0)
     mask_n = offs_n < LK
-    mask_d = offs_d < HEAD_DIM
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-
-    # Stage 1: this program's keys and values stay in registers.
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
-    q_base = Q + b * sqb + h * sqh + offs_d[None, :] * sqd
-    do_base = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
     row = pid_bh.to(tl.int64) * LQ
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Stage 1: this program's keys and values stay in registers (one or two head-dim slices).
+    k0 = _load_rows(k_base, offs_n, skn, offs_d0, skd, mask_n, HEAD_DIM)
+    v0 = _load_rows(v_base, offs_n, svn, offs_d0, svd, mask_n, HEAD_DIM)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        k1 = _load_rows(k_base, offs_n, skn, offs_d1, skd, mask_n, HEAD_DIM)
+        v1 = _load_rows(v_base, offs_n, svn, offs_d1, svd, mask_n, HEAD_DIM)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+
     # Stage 2: stream over all query blocks, working with transposed scores [keys, queries]
     # so that dk and dv accumulate without transposing them.
     for start_m in range(0, LQ, BLOCK_M):
         qm = start_m + offs_m
         mask_m = qm < LQ
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + qm[:, None] * sqm, mask=q_mask, other=0.0)
-        do = tl.load(do_base + qm[:, None] * sdm, mask=q_mask, other=0.0)
+        q0 = _load_rows(q_base, qm, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
+        do0 = _load_rows(do_base, qm, sdm, offs_d0, sdd, mask_m, HEAD_DIM)
+        sT = _dot(k0, tl.trans(q0), DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            q1 = _load_rows(q_base, qm, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
+            do1 = _load_rows(do_base, qm, sdm, offs_d1, sdd, mask_m, HEAD_DIM)
+            sT += _dot(k1, tl.trans(q1), DOT_FP32, PREC)
         lse = tl.load(LSE + row + qm, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + row + qm, mask=mask_m, other=0.0)
-        sT = _dot(k, tl.trans(q), DOT_FP32, PREC) * qk_scale
-        pT = tl.exp2(sT - lse[None, :])
+        pT = tl.exp2(sT * qk_scale - lse[None, :])
         # Padded keys only meet zero rows of k; padded queries must not contribute at all.
         if not EVEN_M:
             pT = tl.where(mask_m[None, :], pT, 0.0)
-        dv += _dot(pT.to(do.dtype), do, DOT_FP32, PREC)
-        dpT = _dot(v, tl.trans(do), DOT_FP32, PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, DOT_FP32, PREC)
+        p16 = pT.to(DO.dtype.element_ty)
+        dv0 += _dot(p16, do0, DOT_FP32, PREC)
+        dpT = _dot(v0, tl.trans(do0), DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            dv1 += _dot(p16, do1, DOT_FP32, PREC)
+            dpT += _dot(v1, tl.trans(do1), DOT_FP32, PREC)
+        ds16 = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
+        dk0 += _dot(ds16, q0, DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            dk1 += _dot(ds16, q1, DOT_FP32, PREC)
 
     # Stage 3: store (the softmax scale enters dk once, here).
-    dk = dk * sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_base = DK + b * sdkb + h * sdkh
+    dv_base = DV + b * sdvb + h * sdvh
+    _store_rows(dk_base, offs_n, sdkn, offs_d0, sdkd, mask_n, dk0 * sm_scale, HEAD_DIM)
+    _store_rows(dv_base, offs_n, sdvn, offs_d0, sdvd, mask_n, dv0, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_rows(dk_base, offs_n, sdkn, offs_d1, sdkd, mask_n, dk1 * sm_scale, HEAD_DIM)
+        _store_rows(dv_base, offs_n, sdvn, offs_d1, sdvd, mask_n, dv1, HEAD_DIM)
 
 
 @triton.jit
@@ -246,19 +287,15 @@ def _attn_bwd_dq_kernel(
     sdqb, sdqh, sdqm, sdqd,
     H, LQ, LK,
     sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
     ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
 ):
-    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
-    # and are multiplied back here: the product tells the compiler their divisibility, which
-    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
-    # still load as 128-bit vectors (and qualify for cp.async).
+    # Strides in units of ALIGN (see _attn_fwd_kernel).
     sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
-    skh, skn = skh * ALIGN, skn * ALIGN
-    svb, svh, svn, sdb = svb * ALIGN, svh * ALIGN, svn * ALIGN, sdb * ALIGN
-    sdh, sdm = sdh * ALIGN, sdm * ALIGN
+    skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
+    svn, sdb, sdh, sdm = svn * ALIGN, sdb * ALIGN, sdh * ALIGN, sdm * ALIGN
     sdqb, sdqh, sdqm = sdqb * ALIGN, sdqh * ALIGN, sdqm * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -266,42 +303,52 @@ def _attn_bwd_dq_kernel(
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d0 = tl.arange(0, BLOCK_D0)
     mask_m = offs_m < LQ
-    mask_d = offs_d < HEAD_DIM
-    q_mask = mask_m[:, None] & mask_d[None, :]
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
 
     # Stage 1: this program's queries, output gradients and row statistics.
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                 mask=q_mask, other=0.0)
+    q0 = _load_rows(q_base, offs_m, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
+    do0 = _load_rows(do_base, offs_m, sdm, offs_d0, sdd, mask_m, HEAD_DIM)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_rows(q_base, offs_m, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
+        do1 = _load_rows(do_base, offs_m, sdm, offs_d1, sdd, mask_m, HEAD_DIM)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
     row = pid_bh.to(tl.int64) * LQ
     lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
-    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
-    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Stage 2: stream over key blocks, recomputing p and ds.
     for start_n in range(0, LK, BLOCK_N):
         kn = start_n + offs_n
         mask_n = kn < LK
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kn[:, None] * skn, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kn[:, None] * svn, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_FP32, PREC) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        k0 = _load_rows(k_base, kn, skn, offs_d0, skd, mask_n, HEAD_DIM)
+        v0 = _load_rows(v_base, kn, svn, offs_d0, svd, mask_n, HEAD_DIM)
+        s = _dot(q0, tl.trans(k0), DOT_FP32, PREC)
+        dp = _dot(do0, tl.trans(v0), DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            k1 = _load_rows(k_base, kn, skn, offs_d1, skd, mask_n, HEAD_DIM)
+            v1 = _load_rows(v_base, kn, svn, offs_d1, svd, mask_n, HEAD_DIM)
+            s += _dot(q1, tl.trans(k1), DOT_FP32, PREC)
+            dp += _dot(do1, tl.trans(v1), DOT_FP32, PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         if not EVEN_N:
             p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), DOT_FP32, PREC)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_FP32, PREC)
+        ds16 = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+        dq0 += _dot(ds16, k0, DOT_FP32, PREC)
+        if BLOCK_D1 > 0:
+            dq1 += _dot(ds16, k1, DOT_FP32, PREC)
 
     # Stage 3: store.
-    dq = dq * sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    dq_base = DQ + b * sdqb + h * sdqh
+    _store_rows(dq_base, offs_m, sdqm, offs_d0, sdqd, mask_m, dq0 * sm_scale, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_rows(dq_base, offs_m, sdqm, offs_d1, sdqd, mask_m, dq1 * sm_scale, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- 3. launchers
@@ -327,10 +374,10 @@ _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 # spills or stack, 128-bit loads staged through cp.async, wgmma for 64-row tiles. Pruned on
 # that evidence (triton 3.6 and 3.9):
 #   * 32-row owner blocks in 16-bit: Hopper's wgmma needs 64 rows per warpgroup, so these
-#     compile to the older mma.sync — wide heads (BLOCK_D 256, SD's 160) use 64-row owners
-#     with short streamed blocks instead. The exception is dK/dV at BLOCK_D 256: its 64-row
-#     tile holds k, v, dk and dv [64 × 256] in registers (251 of them) and got a stack frame
-#     with triton 3.9 for 77-key inputs, so it keeps the 32-row mma.sync tile;
+#     compile to the older mma.sync — wide heads (the 256 bucket, SD's 160) use 64-row owners
+#     with short streamed blocks instead. dK/dV there holds k, v, dk and dv in registers: as
+#     one 256-wide padded slice its 64-row tile took 251 registers and a stack frame (and the
+#     32-row tile 255 with one), as 128 + 32 slices 169–203 and none;
 #   * BLOCK_M 128 at 4 warps (227–233 registers) and the 4-warp BLOCK_D 256 backward tiles
 #     (240–255 registers, stack frames): no headroom, spill-prone across Triton versions.
 # The first entry is the default when autotuning is off.
@@ -347,7 +394,7 @@ _CANDIDATES = {
     ("dkdv", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4),
                    (64, 64, 8, 3)],
     ("dkdv", 128): [(64, 64, 8, 3), (64, 32, 8, 3)],
-    ("dkdv", 256): [(32, 32, 8, 2)],
+    ("dkdv", 256): [(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 8, 3)],
 }
 # fp32 runs IEEE fp32 dots on the FMA pipes (no tensor cores), with every tile in 32-bit
 # registers: 64×64 tiles and larger compiled to 255 registers with 100–690-byte stack frames,
@@ -356,7 +403,7 @@ _FP32_CANDIDATES = [(64, 32, 8, 2), (32, 32, 4, 2)]
 
 
 def _gpu_configs(kind: str, block_d: int, fp32: bool = False):
-    cand = _FP32_CANDIDATES if fp32 else _CANDIDATES[(kind, min(max(block_d, 64), 256))]
+    cand = _FP32_CANDIDATES if fp32 else _CANDIDATES[(kind, block_d)]
     owner, streamed = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
     return [triton.Config({owner: o, streamed: s}, num_warps=w, num_stages=st)
             for o, s, w, st in cand]
@@ -395,14 +442,32 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def head_dim_blocks(D: int) -> tuple[int, int]:
+    """The head dim as one or two power-of-two slices (BLOCK_D0, BLOCK_D1; 0 = one slice):
+    a power of two stays whole; otherwise the largest power of two below D plus the rest
+    rounded up to a power of two (≥ 16, the MMA's K minimum), if that pads less than the
+    next power of two would — 40 → 32 + 16, 80 → 64 + 16, 160 → 128 + 32, 24 → 32."""
+    whole = max(16, triton.next_power_of_2(D))
+    if D <= 16 or D == whole:
+        return whole, 0
+    d0 = whole // 2
+    d1 = max(16, triton.next_power_of_2(D - d0))
+    return (d0, d1) if d0 + d1 < whole else (whole, 0)
+
+
 def _consts(q: torch.Tensor):
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    d0, d1 = head_dim_blocks(D)
     # fp32: IEEE dots (no TF32); 16-bit: the default (the precision flag only concerns fp32).
     prec = "ieee" if q.dtype == torch.float32 else None
     # bf16 dots are broken in the CPU interpreter: emulate them in fp32 there.
     dot_fp32 = q.dtype == torch.bfloat16 and not _on_gpu(q)
-    return dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_FP32=dot_fp32, PREC=prec)
+    return dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, DOT_FP32=dot_fp32, PREC=prec)
+
+
+def _bucket(D: int) -> int:
+    """The head-dim bucket the autotune candidates are listed by (the padded power of two)."""
+    return min(max(64, triton.next_power_of_2(D)), 256)
 
 
 _INT32_MAX = 2**31 - 1
@@ -438,7 +503,7 @@ def _attn_forward(q, k, v):
     c = _consts(q)
     scale = 1.0 / math.sqrt(D)
     align = _align(q, k, v, o)
-    _launch("fwd", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), c["BLOCK_D"],
+    _launch("fwd", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), _bucket(D),
             q, k, v, o, lse, *_strides(align, q, k, v, o),
             H, LQ, LK, scale * _LOG2E, **c, ALIGN=align)
     return o, lse
@@ -450,18 +515,19 @@ def _attn_backward(do, q, k, v, o, lse):
     c = _consts(q)
     scale = 1.0 / math.sqrt(D)
     delta = torch.empty_like(lse)
-    bm = max(16, 4096 // c["BLOCK_D"])   # o and dO tiles of 4096 elements: no spills at D=256
+    block_d = max(16, triton.next_power_of_2(D))   # one padded slice: a rowwise reduction
+    bm = max(16, 4096 // block_d)   # o and dO tiles of 4096 elements: no spills at D=256
     align = _align(o, do)
     _attn_bwd_delta_kernel[(triton.cdiv(LQ, bm), B * H)](
         o, do, delta, *_strides(align, o, do), H, LQ,
-        HEAD_DIM=D, BLOCK_D=c["BLOCK_D"], BLOCK_M=bm, ALIGN=align)
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, ALIGN=align)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     align = _align(q, k, v, do, dq, dk, dv)
     strides = _strides(align, q, k, v, do)
-    _launch("dkdv", q, lambda m: (triton.cdiv(LK, m["BLOCK_N"]), B * H), c["BLOCK_D"],
+    _launch("dkdv", q, lambda m: (triton.cdiv(LK, m["BLOCK_N"]), B * H), _bucket(D),
             q, k, v, do, dk, dv, lse, delta, *strides, *_strides(align, dk, dv),
             H, LQ, LK, scale, scale * _LOG2E, **c, ALIGN=align)
-    _launch("dq", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), c["BLOCK_D"],
+    _launch("dq", q, lambda m: (triton.cdiv(LQ, m["BLOCK_M"]), B * H), _bucket(D),
             q, k, v, do, dq, lse, delta, *strides, *_strides(align, dq),
             H, LQ, LK, scale, scale * _LOG2E, **c, ALIGN=align)
     return dq, dk, dv

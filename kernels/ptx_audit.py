@@ -364,6 +364,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer GroupNorm shapes")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--md", help="write the table here, as Markdown with its provenance")
     p.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -377,9 +378,20 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": f"sm_{TARGET_ARCH}",
                        "rows": rows, "failures": bad}, f, indent=1)
-    print(f"\n{len({(r['kernel'], r['config'], r['dtype']) for r in rows})} kernel configs, "
-          f"{len(rows)} launches, triton {triton.__version__}, sm_{TARGET_ARCH}: "
-          f"{len(bad)} rule failures")
+    summary = (f"{len({(r['kernel'], r['config'], r['dtype']) for r in rows})} kernel "
+               f"configs, {len(rows)} launches, triton {triton.__version__}, "
+               f"sm_{TARGET_ARCH}: {len(bad)} rule failures")
+    print("\n" + summary)
+    if a.md:
+        import datetime
+        import platform
+        with open(a.md, "w") as f:
+            f.write(f"# sm_90 audit of every kernel config (kernels/ptx_audit.py)\n\n"
+                    f"`python -m ldm_fast.kernels.ptx_audit{' --quick' if a.quick else ''}`"
+                    f", {datetime.date.today()}, triton {triton.__version__}, torch "
+                    f"{torch.__version__}, compiled on {platform.machine()} without a GPU. "
+                    f"{summary}.\n\n{table(rows)}\n"
+                    + "".join(f"\n- FAIL {b}" for b in bad) + "\n")
     for line in bad:
         print("  FAIL", line)
     return 1 if bad else 0

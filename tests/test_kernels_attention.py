@@ -84,10 +84,17 @@ def test_forward_backward(LQ, LK, D, dtype):
     _compare(*_qkv(1, 2, LQ, LK, D, dtype), dtype)
 
 
-@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("D", [24, 32, 64, 72, 96, 128])
 def test_other_head_dims(D):
-    """The remaining head dims of LDM/SD models (power-of-two, no padding), batch > 1."""
+    """Every head-dim shape the kernels take, batch > 1: one power-of-two slice (32, 64, 128),
+    one padded slice (24 → 32), two exact slices (96 = 64 + 32) and two with a masked tail
+    (72 = 64 + 16)."""
     _compare(*_qkv(2, 1, 20, 45, D, torch.float16), torch.float16)
+
+
+def test_head_dim_slices():
+    assert [at.head_dim_blocks(d) for d in (16, 24, 40, 64, 80, 160, 200)] == [
+        (16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (128, 32), (256, 0)]
 
 
 @pytest.mark.parametrize("LQ,LK", [(1, 5), (5, 1), (32, 96)], ids=["one_query", "one_key",
