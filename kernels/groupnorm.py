@@ -24,27 +24,33 @@ where mean_group(dx̂) = Σ_c w(1+scale)·S1 / N and mean_group(dx̂·x̂) = Σ_
 
 Work decomposition. A group of an SD1.5 activation holds 10·4096 elements and there are only
 B·G = 64 groups, far fewer than the GPU has SMs, so one program per group cannot reach the
-memory bandwidth. Instead every kernel tiles a group into [BLOCK_C channels × BLOCK_S
-positions] tiles (a 3-D grid: group, spatial tile, channel block) and the group-wide
-reductions go through a small fp32 partials buffer:
-    forward  1. _gn_stats_kernel: each program → (count, mean, M2) of its chunk (exact two-pass
-                inside a tile, Chan's parallel formula across the tiles of its chunk).
-             2. _gn_fwd_kernel: each program combines its group's partials (Chan again, a few
-                dozen numbers from L2), applies the folded multiply-add (+SiLU) to its tile;
-                the first tile of each group also stores μ, r for the backward.
-    backward 3. _gn_bwd_reduce_kernel: per-channel partial S1, S2 over a spatial chunk.
-             4. _gn_bwd_dx_kernel: sums the partials of its group (the group means above),
-                writes dx for its tile; the first spatial tile also writes the per-(b, c)
-                parameter-gradient terms, which the launcher sums over b.
-Groups small enough for one tile (the UNet's 8×8 level, the tiny preset) skip all that:
-_gn_fwd_single_kernel / _gn_bwd_single_kernel give each (sample, group) one program that
-reads its data once and does everything in registers — one launch per direction.
+memory bandwidth. Instead every kernel tiles the activation into [BLOCK_C channels × BLOCK_S
+positions] tiles (a 3-D grid: sample, spatial tile, channel block), and the tiles follow the
+memory layout so that loads are 128-bit: channels-first tiles are long in space; channels-last
+tiles run along a power-of-two block of contiguous channels that divides C (64 of SD's 320),
+straddling group boundaries. So statistics are kept per channel and merged per group:
+    forward  1. _gn_stats_kernel: each program → per-channel (count, mean, M2) of its chunk
+                (exact two-pass inside a tile, Chan's parallel formula across tiles).
+             2. _gn_group_stats_kernel: one program per (sample, group) merges its channels'
+                partials (Chan again, a few KB from L2) into μ and 1/σ.
+             3. _gn_fwd_kernel: each tile gathers its channels' group statistics and applies
+                the folded multiply-add (+SiLU).
+    backward 4. _gn_bwd_reduce_kernel: per-channel partial S1, S2 over a spatial chunk.
+             5. _gn_bwd_group_kernel: per (sample, group), the two group means and the
+                per-(b, c) parameter-gradient terms (the launcher sums those over b).
+             6. _gn_bwd_dx_kernel: dx for its tile.
+Channels-first groups small enough for one tile (the UNet's 8×8 level, the tiny preset) skip
+all that: _gn_fwd_single_kernel / _gn_bwd_single_kernel give each (sample, group) one program
+that reads its data once and does everything in registers — one launch per direction.
 Addressing is by (batch, channel, spatial) strides of x viewed as (B, C, HW), so contiguous
 NCHW (channel stride HW, spatial stride 1) and channels-last (channel stride 1, spatial stride
-C) run through the same kernels, and outputs keep the input's memory format.
+C) run through the same kernels, and outputs keep the input's memory format. The pre-norm bias
+`add` (the ResBlock's h + emb) is added to x as it is loaded.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,73 +93,88 @@ def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, s
 @triton.jit
 def _gn_stats_kernel(
     X,            # input viewed as (B, C, HW) with strides (sxb, sxc, sxs); any float dtype
-    PART,         # fp32 (3, B*G, NSPLIT): count, mean, M2 of each program's chunk
+    PART,         # fp32 (3, B*C*NS): count, mean, M2 of each channel over each spatial chunk
     sxb, sxc, sxs,
-    HW, G, CPG,   # spatial size, number of groups, channels per group
-    NSPLIT,       # partials per group = spatial chunks × channel blocks
+    C, HW,
+    NS,           # spatial chunks (statistics partials per channel)
     ITERS,        # spatial tiles per chunk
     ADD, sab, sac,  # (B, C) bias added to x before the statistics (unused if not HAS_ADD)
     HAS_ADD: tl.constexpr,
     WIDE: tl.constexpr,  # 64-bit spatial offsets: channels-last position × C can pass 2³¹
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0)   # which (sample, group)
+    b = tl.program_id(0)        # which sample
     pid_s = tl.program_id(1)    # which spatial chunk (ITERS tiles of BLOCK_S positions)
-    pid_c = tl.program_id(2)    # which block of BLOCK_C channels inside the group
-    n_cblk = tl.num_programs(2)
-    b = pid_bg // G
-    g = pid_bg % G
+    pid_c = tl.program_id(2)    # which block of BLOCK_C channels (any channels, any groups)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    base = X + b.to(tl.int64) * sxb + ch.to(tl.int64)[:, None] * sxc
+    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CPG
-    base = X + b.to(tl.int64) * sxb + (g * CPG + offs_c).to(tl.int64)[:, None] * sxc
-    add = _channel_add(ADD, b, g * CPG + offs_c, mask_c, sab, sac, HAS_ADD, BLOCK_C)
-
-    # Running (count, mean, M2) over the chunk. Each tile is reduced exactly (mean first,
-    # then the centred sum of squares, both in registers), and tiles are merged with Chan et
-    # al.'s pairwise update, so there is no E[x²] − E[x]² cancellation at any size.
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
+    # Running per-channel (count, mean, M2) over the chunk. Each tile is reduced exactly
+    # (mean first, then the centred sum of squares, in registers), tiles are merged with Chan
+    # et al.'s pairwise update: no E[x²] − E[x]² cancellation at any size.
+    n = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
     for it in range(0, ITERS):
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
         offs_s = _wide(offs_s, WIDE)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
         x = _shifted(tl.load(base + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
                      HAS_ADD)
-        cnt = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-        t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tl.maximum(cnt, 1.0)
-        d = tl.where(mask, x - t_mean, 0.0)
-        t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        cnt = tl.sum(mask.to(tl.float32), axis=1)
+        t_mean = tl.sum(x, axis=1) / tl.maximum(cnt, 1.0)
+        d = tl.where(mask, x - t_mean[:, None], 0.0)
+        t_m2 = tl.sum(d * d, axis=1)
         tot = tl.maximum(n + cnt, 1.0)
         delta = t_mean - mean
         mean = mean + delta * (cnt / tot)
         m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
         n = n + cnt
 
-    slot = pid_bg * NSPLIT + pid_s * n_cblk + pid_c
-    total = tl.num_programs(0) * NSPLIT
-    tl.store(PART + slot, n)
-    tl.store(PART + total + slot, mean)
-    tl.store(PART + 2 * total + slot, m2)
+    total = tl.num_programs(0) * C * NS
+    slot = (b * C + ch).to(tl.int64) * NS + pid_s
+    tl.store(PART + slot, n, mask=mask_c)
+    tl.store(PART + total + slot, mean, mask=mask_c)
+    tl.store(PART + 2 * total + slot, m2, mask=mask_c)
 
 
 @triton.jit
-def _gn_group_stats(PART, pid_bg, NSPLIT, total, eps, BLOCK_P: tl.constexpr):
-    """Merge a group's NSPLIT partial (count, mean, M2) into (μ, 1/sqrt(σ²+eps)) — the
-    vectorised form of Chan's formula: M2 = Σ M2_i + Σ n_i (mean_i − μ)²."""
+def _gn_group_stats_kernel(
+    PART,         # fp32 (3, B*C*NS) per-channel partials from _gn_stats_kernel
+    MEAN, RSTD,   # fp32 (B*G,) outputs: the group statistics
+    C, G, CPG, NS, eps,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program per (sample, group): merge its CPG × NS partials with Chan's formula,
+    M2 = Σ M2_i + Σ n_i (mean_i − μ)², in two sweeps (μ first) over a few KB from L2."""
+    pid_bg = tl.program_id(0)
+    b = pid_bg // G
+    g = pid_bg % G
+    total = tl.num_programs(0) // G * C * NS
     offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < NSPLIT
-    ptr = PART + pid_bg * NSPLIT + offs_p
-    cnt = tl.load(ptr, mask=mask_p, other=0.0)
-    mu = tl.load(ptr + total, mask=mask_p, other=0.0)
-    m2 = tl.load(ptr + 2 * total, mask=mask_p, other=0.0)
-    n = tl.sum(cnt, axis=0)
-    mean = tl.sum(cnt * mu, axis=0) / n
-    dev = tl.where(mask_p, mu - mean, 0.0)
-    var = (tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / n
-    rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
-    return mean, rstd
+    n = 0.0
+    s = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        oc = c0 + tl.arange(0, BLOCK_C)
+        ptr = PART + (b * C + g * CPG + oc).to(tl.int64)[:, None] * NS + offs_p[None, :]
+        m = (oc < CPG)[:, None] & (offs_p < NS)[None, :]
+        cnt = tl.load(ptr, mask=m, other=0.0)
+        n += tl.sum(tl.sum(cnt, axis=1), axis=0)
+        s += tl.sum(tl.sum(cnt * tl.load(ptr + total, mask=m, other=0.0), axis=1), axis=0)
+    mu = s / n
+    m2 = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        oc = c0 + tl.arange(0, BLOCK_C)
+        ptr = PART + (b * C + g * CPG + oc).to(tl.int64)[:, None] * NS + offs_p[None, :]
+        m = (oc < CPG)[:, None] & (offs_p < NS)[None, :]
+        cnt = tl.load(ptr, mask=m, other=0.0)
+        dev = tl.where(m, tl.load(ptr + total, mask=m, other=0.0) - mu, 0.0)
+        m2 += tl.sum(tl.sum(tl.load(ptr + 2 * total, mask=m, other=0.0) + cnt * dev * dev,
+                            axis=1), axis=0)
+    tl.store(MEAN + pid_bg, mu)
+    tl.store(RSTD + pid_bg, 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps))
 
 
 @triton.jit
@@ -232,43 +253,40 @@ def _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT: tl.constexpr):
 
 
 @triton.jit
+def _group_of(STAT, b, ch, mask_c, G, CPG):
+    """Per-channel gather of a per-(sample, group) fp32 statistic: a tile may span groups."""
+    return tl.load(STAT + b * G + ch // CPG, mask=mask_c, other=0.0)
+
+
+@triton.jit
 def _gn_fwd_kernel(
     X, Y,         # input and output, both viewed as (B, C, HW) through their own strides
-    PART,         # fp32 partials from _gn_stats_kernel
-    MEAN, RSTD,   # fp32 (B*G,) outputs kept for the backward
+    MEAN, RSTD,   # fp32 (B*G,) group statistics from _gn_group_stats_kernel
     W, BETA,      # (C,) affine weight and bias (any float dtype; unused if not HAS_*)
     SCALE, SHIFT, # (B, C) per-sample modulation (strides ssb, ssc / shb, shc)
     sxb, sxc, sxs, syb, syc, sys_,
     ssb, ssc, shb, shc,
-    HW, G, CPG, NSPLIT, eps,
+    C, HW, G, CPG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
     WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0)
+    b = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_c = tl.program_id(2)
-    b = pid_bg // G
-    g = pid_bg % G
 
-    # Stage 1: group statistics from the partials (identical in every program of the group).
-    mean, rstd = _gn_group_stats(PART, pid_bg, NSPLIT, tl.num_programs(0) * NSPLIT, eps,
-                                 BLOCK_P)
-    if (pid_s == 0) & (pid_c == 0):
-        tl.store(MEAN + pid_bg, mean)
-        tl.store(RSTD + pid_bg, rstd)
-
-    # Stage 2: this tile's channel constants.
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CPG
-    ch = g * CPG + offs_c
+    # Stage 1: this tile's per-channel constants (its channels may belong to several groups).
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
+    rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
-    # Stage 3: the tile — one multiply-add, optional SiLU, one store in the output dtype.
+    # Stage 2: the tile — one multiply-add, optional SiLU, one store in the output dtype.
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_s = _wide(offs_s, WIDE)
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
@@ -336,17 +354,13 @@ def _gn_bwd_reduce_kernel(
     WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0)
+    b = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_c = tl.program_id(2)
-    b = pid_bg // G
-    g = pid_bg % G
-    mean = tl.load(MEAN + pid_bg)
-    rstd = tl.load(RSTD + pid_bg)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CPG
-    ch = g * CPG + offs_c
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
+    rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
@@ -360,9 +374,10 @@ def _gn_bwd_reduce_kernel(
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
         offs_s = _wide(offs_s, WIDE)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
-        x = _shifted(tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask, HAS_ADD)
+        x = _shifted(tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
+                     HAS_ADD)
         dy = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
+        xhat = (x - mean[:, None]) * rstd[:, None]
         dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
         acc1 += tl.sum(dv, axis=1)
         acc2 += tl.sum(dv * xhat, axis=1)
@@ -372,86 +387,89 @@ def _gn_bwd_reduce_kernel(
 
 
 @triton.jit
-def _gn_bwd_dx_kernel(
-    X, DY, DX,    # (B, C, HW) through their own strides; DX in x's dtype
-    MEAN, RSTD, W, BETA, SCALE, SHIFT,
+def _gn_bwd_group_kernel(
     PS1, PS2,     # fp32 (B, C, NS) partials from _gn_bwd_reduce_kernel
+    W, BETA, SCALE, SHIFT,   # as in the forward
     PW, PB,       # fp32 (B, C) per-sample terms of dw, dβ (launcher sums over B)
     DSCALE, DSHIFT,  # fp32 (B, C) gradients of the modulation
-    sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
+    C1, C2,       # fp32 (B*G,) the group means Σ_c w(1+scale)·S1 / N and ·S2 / N
     ssb, ssc, shb, shc,
     C, HW, G, CPG, NS,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
-    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """One program per (sample, group): sum its channels' partials into S1, S2, write the
+    per-(b, c) parameter-gradient terms and the two group means the dx kernel needs."""
     pid_bg = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_c = tl.program_id(2)
     b = pid_bg // G
     g = pid_bg % G
-    mean = tl.load(MEAN + pid_bg)
-    rstd = tl.load(RSTD + pid_bg)
-
-    # Stage 1: the two group means, Σ_c w(1+scale)·S1 and Σ_c w(1+scale)·S2 over N, by
-    # summing the per-channel partials of the whole group (a few KB, from L2).
     offs_p = tl.arange(0, BLOCK_P)
     c1v = tl.zeros([BLOCK_C], tl.float32)
     c2v = tl.zeros([BLOCK_C], tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         oc = c0 + tl.arange(0, BLOCK_C)
         mc = oc < CPG
-        chg = g * CPG + oc
-        k = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            k = tl.load(W + chg, mask=mc, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            k = k * (1.0 + tl.load(SCALE + b * ssb + chg * ssc, mask=mc, other=0.0).to(tl.float32))
-        pp = (b * C + chg).to(tl.int64)[:, None] * NS + offs_p[None, :]
+        ch = g * CPG + oc
+        pc = (b * C + ch).to(tl.int64)
         pm = mc[:, None] & (offs_p < NS)[None, :]
-        c1v += k * tl.sum(tl.load(PS1 + pp, mask=pm, other=0.0), axis=1)
-        c2v += k * tl.sum(tl.load(PS2 + pp, mask=pm, other=0.0), axis=1)
+        S1 = tl.sum(tl.load(PS1 + pc[:, None] * NS + offs_p[None, :], mask=pm, other=0.0), axis=1)
+        S2 = tl.sum(tl.load(PS2 + pc[:, None] * NS + offs_p[None, :], mask=pm, other=0.0), axis=1)
+        w, beta, s1, _ = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mc, ssb, ssc, shb, shc,
+                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        c1v += w * s1 * S1
+        c2v += w * s1 * S2
+        tl.store(PW + pc, s1 * S2, mask=mc)
+        tl.store(PB + pc, s1 * S1, mask=mc)
+        tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mc)
+        tl.store(DSHIFT + pc, S1, mask=mc)
     # Not (CPG * HW).to(...): Triton turns integer arguments equal to 1 into compile-time
     # constants (a 1×1 group, or HW = 1), and a constant has no .to().
     n = CPG * HW * 1.0
-    c1 = tl.sum(c1v, axis=0) / n
-    c2 = tl.sum(c2v, axis=0) / n
+    tl.store(C1 + pid_bg, tl.sum(c1v, axis=0) / n)
+    tl.store(C2 + pid_bg, tl.sum(c2v, axis=0) / n)
 
-    # Stage 2: this tile's channel constants.
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CPG
-    ch = g * CPG + offs_c
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    X, DY, DX,    # (B, C, HW) through their own strides; DX in x's dtype
+    MEAN, RSTD, C1, C2,   # fp32 (B*G,): forward statistics, _gn_bwd_group_kernel's means
+    W, BETA, SCALE, SHIFT,
+    sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
+    ssb, ssc, shb, shc,
+    C, HW, G, CPG,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
+    rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
+    c1 = _group_of(C1, b, ch, mask_c, G, CPG)
+    c2 = _group_of(C2, b, ch, mask_c, G, CPG)
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
-    # Stage 3: parameter-gradient terms, once per (b, channel block).
-    if pid_s == 0:
-        pc = (b * C + ch).to(tl.int64)
-        S1 = tl.sum(tl.load(PS1 + pc[:, None] * NS + offs_p[None, :],
-                            mask=mask_c[:, None] & (offs_p < NS)[None, :], other=0.0), axis=1)
-        S2 = tl.sum(tl.load(PS2 + pc[:, None] * NS + offs_p[None, :],
-                            mask=mask_c[:, None] & (offs_p < NS)[None, :], other=0.0), axis=1)
-        tl.store(PW + pc, s1 * S2, mask=mask_c)
-        tl.store(PB + pc, s1 * S1, mask=mask_c)
-        tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mask_c)
-        tl.store(DSHIFT + pc, S1, mask=mask_c)
-
-    # Stage 4: dx = r·(dv·(1+scale)·w − c1 − x̂·c2) for the tile.
+    # dx = r·(dv·(1+scale)·w − c1 − x̂·c2) for the tile.
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_s = _wide(offs_s, WIDE)
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     chl = ch.to(tl.int64)[:, None]
     bl = b.to(tl.int64)
     x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
-                other=0.0), add, mask, HAS_ADD)
+                         other=0.0), add, mask, HAS_ADD)
     dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
                  other=0.0).to(tl.float32)
-    xhat = (x - mean) * rstd
+    xhat = (x - mean[:, None]) * rstd[:, None]
     dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
-    dx = rstd * (dv * (s1 * w)[:, None] - c1 - xhat * c2)
+    dx = rstd[:, None] * (dv * (s1 * w)[:, None] - c1[:, None] - xhat * c2[:, None])
     tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
              mask=mask)
 
@@ -517,34 +535,63 @@ def _gn_bwd_single_kernel(
 # backward reduction). So 2048-element tiles at 8 warps, giving the SD1.5 shapes 512–2048
 # programs per kernel.
 _TILE = 2048
-# Statistics partials per group are capped so that the combine in every apply program stays
-# a handful of loads; larger groups give each stats program several tiles instead.
+# Statistics partials per channel are capped so that the per-group merge stays a few KB;
+# larger groups give each statistics program several tiles instead.
 _MAX_SPLIT = 32
-# Channels per tile are capped so that very wide groups (e.g. G = 1) still fit a tile;
-# they become several channel blocks.
+# Channels per tile are capped; a tile takes any run of channels, across group boundaries.
 _MAX_BLOCK_C = 256
-# Groups that fit in one tile of at most this many elements take the one-program-per-group
-# kernels (one launch, x read once); 0 forces the split path (tests use it).
+# Channels-first groups that fit in one tile of at most this many elements take the
+# one-program-per-group kernels (one launch, x read once); 0 forces the split path (tests).
 _SINGLE_MAX = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Spatial offsets (position × spatial stride) from this size on are computed in 64 bits.
 _WIDE_LIMIT = 2**31
 
 
-def _plan(cpg: int, hw: int):
-    """Tile shape and split for a group of cpg channels × hw positions: (BLOCK_C, BLOCK_S,
-    channel blocks, spatial tiles, tiles per statistics chunk, chunks, single-tile path?)."""
-    block_c = max(2, triton.next_power_of_2(cpg))
-    block_s = max(2, triton.next_power_of_2(hw))
-    if block_c * block_s <= _SINGLE_MAX:
-        return block_c, block_s, 1, 1, 1, 1, True
-    block_c = min(block_c, _MAX_BLOCK_C)
-    block_s = max(2, min(block_s, _TILE // block_c))
-    n_cblk = triton.cdiv(cpg, block_c)
+class _Plan(NamedTuple):
+    single: bool    # one program per (sample, group), whole group in registers
+    block_c: int    # channels per tile
+    block_s: int    # positions per tile
+    n_cblk: int     # channel blocks (over all C)
+    n_stile: int    # spatial tiles
+    iters: int      # spatial tiles per statistics chunk
+    n_chunk: int    # statistics chunks (partials per channel)
+
+
+def _plan(C: int, cpg: int, hw: int, channels_last: bool) -> _Plan:
+    """Tiles follow the memory layout, so that the contiguous dim is the tile's long side
+    and loads are 128-bit: channels-first tiles are long in space; channels-last tiles run
+    along C over a power-of-two block that divides it (64 of SD's 320 channels), across
+    group boundaries — the per-channel partials are merged per group afterwards."""
+    if not channels_last:
+        block_c = max(2, triton.next_power_of_2(cpg))
+        block_s = max(2, triton.next_power_of_2(hw))
+        if block_c * block_s <= _SINGLE_MAX:
+            return _Plan(True, block_c, block_s, 1, 1, 1, 1)
+        block_s = min(block_s, _TILE)
+        block_c = max(2, min(triton.next_power_of_2(C), _TILE // block_s, _MAX_BLOCK_C))
+    else:
+        factor = C & -C                     # the largest power of two dividing C
+        block_c = factor if factor >= 8 else triton.next_power_of_2(C)
+        block_c = max(2, min(block_c, _MAX_BLOCK_C))
+        block_s = max(2, min(triton.next_power_of_2(hw), _TILE // block_c))
     n_stile = triton.cdiv(hw, block_s)
     iters = triton.cdiv(n_stile, _MAX_SPLIT)
-    n_chunk = triton.cdiv(n_stile, iters)
-    return block_c, block_s, n_cblk, n_stile, iters, n_chunk, False
+    return _Plan(False, block_c, block_s, triton.cdiv(C, block_c), n_stile, iters,
+                 triton.cdiv(n_stile, iters))
+
+
+def _is_channels_last(x3: torch.Tensor) -> bool:
+    """Whether the (B, C, HW) view has channels innermost (the NHWC layout convolutions
+    prefer on tensor cores)."""
+    return x3.shape[1] > 1 and x3.stride(1) == 1 and x3.shape[2] > 1
+
+
+def _merge_blocks(cpg: int, n_chunk: int) -> dict:
+    """Tile of the per-group merge kernels: BLOCK_C channels × all BLOCK_P partials."""
+    block_p = max(2, triton.next_power_of_2(n_chunk))
+    return dict(BLOCK_C=max(2, min(triton.next_power_of_2(cpg), 4096 // block_p)),
+                BLOCK_P=block_p)
 
 
 def _num_warps(block_c, block_s):
@@ -568,17 +615,13 @@ def _mod_strides(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
-def wide_loads_expected(cpg: int, hw: int, channels_last: bool) -> tuple[bool, str]:
+def wide_loads_expected(C: int, hw: int, channels_last: bool) -> tuple[bool, str]:
     """Whether this layout lets the kernels load x as 128-bit vectors, and if not why — what
-    kernels/ptx_audit.py holds each compiled case to. A tile is [channels of one group ×
-    positions]: channels-first it runs along HW (contiguous); channels-last along the group's
-    own channels, whose start g·CPG the compiler can only prove 16-byte aligned when CPG is a
-    multiple of 16 that also fills a power-of-two block without masking."""
-    if not channels_last:
-        return (hw % 8 == 0, "" if hw % 8 == 0 else f"HW = {hw} is not a multiple of 8")
-    ok = cpg % 16 == 0 and cpg & (cpg - 1) == 0
-    return ok, "" if ok else (f"known gap: channels-last tiles stay inside one group of {cpg} "
-                              "channels (scalar loads; needs tiles across groups)")
+    kernels/ptx_audit.py holds each compiled case to. Channels-first tiles run along HW,
+    channels-last ones along C; either way the row stride (HW or C) must be a multiple of 16
+    for the JIT to prove 16-byte alignment."""
+    n, what = (C, "C") if channels_last else (hw, "HW")
+    return (n % 16 == 0, "" if n % 16 == 0 else f"{what} = {n} is not a multiple of 16")
 
 
 def _check(x, num_groups, weight, bias, scale, shift, add=None):
@@ -615,30 +658,30 @@ def _gn_forward(x, weight, bias, scale, shift, add, num_groups, eps, act):
     hw = x3.shape[2]
     y = _empty_out(x)
     y3 = y.view(B, C, hw)
-    block_c, block_s, n_cblk, n_stile, iters, n_chunk, single = _plan(cpg, hw)
+    plan = _plan(C, cpg, hw, _is_channels_last(x3))
     mean = torch.empty((B, G), device=x.device, dtype=torch.float32)
     rstd = torch.empty((B, G), device=x.device, dtype=torch.float32)
-    nw = _num_warps(block_c, block_s)
+    nw = _num_warps(plan.block_c, plan.block_s)
+    tile = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=nw)
     dummy = mean  # never dereferenced when the matching HAS_* flag is off
     params = (weight if weight is not None else dummy, bias if bias is not None else dummy,
               scale if scale is not None else dummy, shift if shift is not None else dummy)
     strides = (*x3.stride(), *y3.stride(), *_mod_strides(scale), *_mod_strides(shift))
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
                  HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy, x3, y3))
-    if single:
+    if plan.single:
         _gn_fwd_single_kernel[(B * G,)](
-            x3, y3, mean, rstd, *params, *strides, hw, G, cpg, eps, **flags,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
+            x3, y3, mean, rstd, *params, *strides, hw, G, cpg, eps, **flags, **tile)
         return y, mean, rstd
-    nsplit = n_chunk * n_cblk
-    part = torch.empty((3, B * G, nsplit), device=x.device, dtype=torch.float32)
-    _gn_stats_kernel[(B * G, n_chunk, n_cblk)](
-        x3, part, *x3.stride(), hw, G, cpg, nsplit, iters, **_add_args(add, dummy, x3),
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
-    _gn_fwd_kernel[(B * G, n_stile, n_cblk)](
-        x3, y3, part, mean, rstd, *params, *strides, hw, G, cpg, nsplit, eps, **flags,
-        BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_P=max(2, triton.next_power_of_2(nsplit)),
-        num_warps=nw)
+    # 1. per-channel partial statistics, 2. merged per group, 3. the fused apply.
+    part = torch.empty((3, B * C * plan.n_chunk), device=x.device, dtype=torch.float32)
+    _gn_stats_kernel[(B, plan.n_chunk, plan.n_cblk)](
+        x3, part, *x3.stride(), C, hw, plan.n_chunk, plan.iters,
+        **_add_args(add, dummy, x3), **tile)
+    _gn_group_stats_kernel[(B * G,)](part, mean, rstd, C, G, cpg, plan.n_chunk, eps,
+                                     **_merge_blocks(cpg, plan.n_chunk), num_warps=4)
+    _gn_fwd_kernel[(B, plan.n_stile, plan.n_cblk)](
+        x3, y3, mean, rstd, *params, *strides, C, hw, G, cpg, **flags, **tile)
     return y, mean, rstd
 
 
@@ -651,7 +694,7 @@ def _gn_backward(dy, x, weight, bias, scale, shift, add, mean, rstd, num_groups,
     dy3 = _as_bcs(dy)
     dx = _empty_out(x)
     dx3 = dx.view(B, C, hw)
-    block_c, block_s, n_cblk, n_stile, iters, n_chunk, single = _plan(cpg, hw)
+    plan = _plan(C, cpg, hw, _is_channels_last(x3))
     dev = x.device
     pw = torch.empty((B, C), device=dev, dtype=torch.float32)
     pb = torch.empty((B, C), device=dev, dtype=torch.float32)
@@ -660,29 +703,33 @@ def _gn_backward(dy, x, weight, bias, scale, shift, add, mean, rstd, num_groups,
     dummy = mean  # never dereferenced when the matching HAS_* flag is off
     w_, b_ = (weight if weight is not None else dummy), (bias if bias is not None else dummy)
     s_, h_ = (scale if scale is not None else dummy), (shift if shift is not None else dummy)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy, x3, dy3, dx3))
-    nw = _num_warps(block_c, block_s)
-    if single:
+    has = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+               HAS_SHIFT=shift is not None)
+    flags = dict(has, ACT=act, **_add_args(add, dummy, x3, dy3, dx3))
+    mod = (*_mod_strides(scale), *_mod_strides(shift))
+    tile = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+                num_warps=_num_warps(plan.block_c, plan.block_s))
+    if plan.single:
         _gn_bwd_single_kernel[(B * G,)](
             x3, dy3, dx3, mean, rstd, w_, b_, s_, h_, pw, pb, dscale, dshift,
-            *x3.stride(), *dy3.stride(), *dx3.stride(), *_mod_strides(scale),
-            *_mod_strides(shift), C, hw, G, cpg, **flags,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
+            *x3.stride(), *dy3.stride(), *dx3.stride(), *mod, C, hw, G, cpg, **flags, **tile)
     else:
-        ps1 = torch.empty((B, C, n_chunk), device=dev, dtype=torch.float32)
-        ps2 = torch.empty((B, C, n_chunk), device=dev, dtype=torch.float32)
-        _gn_bwd_reduce_kernel[(B * G, n_chunk, n_cblk)](
-            x3, dy3, mean, rstd, w_, b_, s_, h_, ps1, ps2,
-            *x3.stride(), *dy3.stride(), *_mod_strides(scale), *_mod_strides(shift),
-            C, hw, G, cpg, n_chunk, iters, **flags,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
-        _gn_bwd_dx_kernel[(B * G, n_stile, n_cblk)](
-            x3, dy3, dx3, mean, rstd, w_, b_, s_, h_, ps1, ps2, pw, pb, dscale, dshift,
-            *x3.stride(), *dy3.stride(), *dx3.stride(), *_mod_strides(scale),
-            *_mod_strides(shift), C, hw, G, cpg, n_chunk, **flags,
-            BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_P=max(2, triton.next_power_of_2(n_chunk)),
-            num_warps=nw)
+        # 1. per-channel partial Σ dv, Σ dv·x̂; 2. merged per group (parameter-gradient terms
+        # and the two group means); 3. dx.
+        ps1 = torch.empty((B, C, plan.n_chunk), device=dev, dtype=torch.float32)
+        ps2 = torch.empty((B, C, plan.n_chunk), device=dev, dtype=torch.float32)
+        c1 = torch.empty((B, G), device=dev, dtype=torch.float32)
+        c2 = torch.empty((B, G), device=dev, dtype=torch.float32)
+        _gn_bwd_reduce_kernel[(B, plan.n_chunk, plan.n_cblk)](
+            x3, dy3, mean, rstd, w_, b_, s_, h_, ps1, ps2, *x3.stride(), *dy3.stride(), *mod,
+            C, hw, G, cpg, plan.n_chunk, plan.iters, **flags, **tile)
+        _gn_bwd_group_kernel[(B * G,)](
+            ps1, ps2, w_, b_, s_, h_, pw, pb, dscale, dshift, c1, c2, *mod,
+            C, hw, G, cpg, plan.n_chunk, **has, **_merge_blocks(cpg, plan.n_chunk),
+            num_warps=4)
+        _gn_bwd_dx_kernel[(B, plan.n_stile, plan.n_cblk)](
+            x3, dy3, dx3, mean, rstd, c1, c2, w_, b_, s_, h_, *x3.stride(), *dy3.stride(),
+            *dx3.stride(), *mod, C, hw, G, cpg, **flags, **tile)
     dw = pw.sum(0) if weight is not None else None
     db = pb.sum(0) if bias is not None else None
     # x + add feeds only the normalisation, so the bias's gradient is dx summed over space

@@ -262,7 +262,7 @@ def groupnorm_cases(quick: bool):
                                     emb[:, :x.shape[1]], mean, rstd, 32, True)
                 layout = "NHWC" if cl else "NCHW"
                 name = f"gn {str(dt)[6:]} {B}x{C}x{S}² {layout}"
-                wide, why = gn.wide_loads_expected(C // 32, S * S, cl)
+                wide, why = gn.wide_loads_expected(C, S * S, cl)
                 out.append((name, run, (gn,), wide, why, False))
     return out
 
@@ -327,6 +327,11 @@ def _mma_rows(kernel: str, named: dict) -> int | None:
     return named.get("BLOCK_N") if "dkdv" in kernel else named.get("BLOCK_M")
 
 
+# Kernels that never stream an activation, exempt from the wide-load rule: they merge a few
+# KB of fp32 partials per (sample, group), gathered along rows of a handful of values.
+NOT_STREAMING = {"_gn_group_stats_kernel", "_gn_bwd_group_kernel"}
+
+
 def check(rows: list[dict]) -> list[str]:
     """The rules of the module docstring; one line per failure."""
     bad = []
@@ -343,7 +348,7 @@ def check(rows: list[dict]) -> list[str]:
                 bad.append(f"{where}: no cp.async or TMA")
             if r["mma_rows"] and r["mma_rows"] >= 64 and r["warps"] >= 4 and not r["wgmma"]:
                 bad.append(f"{where}: no wgmma with {r['mma_rows']}-row tiles")
-        elif r["expect_wide"] and not r["loads_128"]:
+        elif r["expect_wide"] and r["kernel"] not in NOT_STREAMING and not r["loads_128"]:
             bad.append(f"{where}: no 128-bit global loads")
     return bad
 

@@ -134,18 +134,21 @@ def test_large_mean_statistics_stay_exact(path):
 
 
 def test_multi_tile_and_multi_chunk_paths(monkeypatch):
-    """Tiny tiles force what SD-sized groups do: several channel blocks per group, several
-    spatial tiles per statistics program, several partials to merge."""
+    """Tiny tiles force what SD-sized groups do: several channel blocks, several spatial
+    tiles per statistics chunk and several chunks per channel to merge; channels-last tiles
+    that span group boundaries (8-channel blocks over groups of 4), and ragged tails."""
     monkeypatch.setattr(gn, "_TILE", 16)
-    monkeypatch.setattr(gn, "_MAX_SPLIT", 3)
-    monkeypatch.setattr(gn, "_MAX_BLOCK_C", 4)
+    monkeypatch.setattr(gn, "_MAX_SPLIT", 2)
+    monkeypatch.setattr(gn, "_MAX_BLOCK_C", 8)
     monkeypatch.setattr(gn, "_SINGLE_MAX", 0)
-    block_c, block_s, n_cblk, n_stile, iters, n_chunk, single = gn._plan(12, 35)
-    assert not single
-    assert (n_cblk, iters, n_chunk) == (3, 3, 3)   # 3 channel blocks, 3 tiles × 3 chunks
-    _compare((1, 12, 5, 7), 1, torch.float32, "gn_scaleshift_silu")
-    _compare((1, 12, 5, 7), 1, torch.float32, "gn_silu", channels_last=True)
-    _compare((1, 12, 5, 7), 1, torch.float32, "gn_add_silu", channels_last=True)
+    plan = gn._plan(12, 4, 35, channels_last=False)
+    assert not plan.single and plan.n_cblk > 1 and plan.iters == 2 and plan.n_chunk == 2
+    plan = gn._plan(12, 4, 35, channels_last=True)
+    assert plan.block_c == 8 and plan.n_cblk == 2 and plan.iters > 1
+    for groups in (1, 3):
+        _compare((1, 12, 5, 7), groups, torch.float32, "gn_scaleshift_silu")
+        _compare((1, 12, 5, 7), groups, torch.float32, "gn_silu", channels_last=True)
+        _compare((1, 12, 5, 7), groups, torch.float32, "gn_add_silu", channels_last=True)
 
 
 def test_only_some_inputs_need_grad():
