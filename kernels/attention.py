@@ -596,5 +596,15 @@ def attention(q, k, v):
         raise ValueError(f"attention kernel: unsupported inputs q{tuple(q.shape)} {q.dtype}, "
                          f"k{tuple(k.shape)} {k.dtype}, v{tuple(v.shape)} {v.dtype} "
                          f"(4-D, same dtype in {_DTYPES}, head dim ≤ {_MAX_HEAD_DIM})")
+    if not _recorded(q, k, v):
+        return _attn_forward(q, k, v)[0]
     o, _ = _attention_fwd_op(q, k, v)
     return o
+
+
+def _recorded(*tensors) -> bool:
+    """Whether autograd or torch.compile will see this call; if neither (sampling), the
+    launcher is called directly, skipping the custom op's host-side dispatch (see
+    kernels/groupnorm.py's _recorded)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t.requires_grad for t in tensors))

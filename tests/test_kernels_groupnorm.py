@@ -174,6 +174,19 @@ def test_custom_op_registration():
                                       "test_autograd_registration"))
 
 
+def test_sampling_skips_the_custom_op(monkeypatch):
+    """Outside autograd and torch.compile the launcher is called directly (no custom-op
+    dispatch), with the same result as the recorded path."""
+    x, p, act = _inputs((2, 8, 5, 5), 4, torch.float32, "gn_scaleshift_silu")
+    args = (x, 4, p["weight"], p["bias"], 1e-5, act, p["scale"], p["shift"])
+    y_op = gn.group_norm(x.clone().requires_grad_(), *args[1:]).detach()
+    calls = []
+    monkeypatch.setattr(gn, "_group_norm_fwd_op", lambda *a: calls.append(a))
+    with torch.no_grad():
+        y = gn.group_norm(*args)
+    assert not calls and torch.equal(y, y_op)
+
+
 def test_pre_norm_bias_is_the_resblock_sum():
     """add= is GroupNorm(h + emb[..., None, None]) — what the ResBlock computes eagerly."""
     x, p, act = _inputs((2, 8, 5, 5), 4, torch.float32, "gn_add_silu")
