@@ -42,8 +42,12 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # an eager-only install: the *_ref implementations need no Triton
+    triton = None
 
 # ----------------------------------------------------------------------------- 1. reference
 
@@ -62,293 +66,294 @@ def attention_ref(q, k, v, upcast=False):
 
 # ----------------------------------------------------------------------------- 2. kernels
 
+if triton is not None:   # the kernels exist only where Triton is installed
 
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
-    """a·b with fp32 accumulation; DOT_FP32 upcasts the operands first (see module doc)."""
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _load_rows(base, rows, row_stride, offs_d, d_stride, mask_rows, HEAD_DIM: tl.constexpr):
-    """A [rows × head-dim slice] tile; rows past the sequence and columns past HEAD_DIM read 0
-    (zeros change neither q·kᵀ nor p·v)."""
-    return tl.load(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride,
-                   mask=mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    @triton.jit
+    def _dot(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+        """a·b with fp32 accumulation; DOT_FP32 upcasts the operands first (see module doc)."""
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PREC)
 
 
-@triton.jit
-def _store_rows(base, rows, row_stride, offs_d, d_stride, mask_rows, value,
-                HEAD_DIM: tl.constexpr):
-    tl.store(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride,
-             value.to(base.dtype.element_ty),
-             mask=mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :])
+    @triton.jit
+    def _load_rows(base, rows, row_stride, offs_d, d_stride, mask_rows, HEAD_DIM: tl.constexpr):
+        """A [rows × head-dim slice] tile; rows past the sequence and columns past HEAD_DIM read 0
+        (zeros change neither q·kᵀ nor p·v)."""
+        return tl.load(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride,
+                       mask=mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
 
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V,      # (B, H, Lq|Lk, D) through the strides below (any layout, e.g. a transposed view)
-    O,            # (B, H, Lq, D) output, q's dtype
-    LSE,          # fp32 (B*H, Lq): base-2 log-sum-exp of the scaled scores, for the backward
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    H, LQ, LK,
-    qk_scale,     # softmax scale · log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
-    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
-):
-    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
-    # and are multiplied back here: the product tells the compiler their divisibility, which
-    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
-    # still load as 128-bit vectors (and qualify for cp.async).
-    sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
-    skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
-    svn, sob, soh, som = svn * ALIGN, sob * ALIGN, soh * ALIGN, som * ALIGN
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    mask_m = offs_m < LQ
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    @triton.jit
+    def _store_rows(base, rows, row_stride, offs_d, d_stride, mask_rows, value,
+                    HEAD_DIM: tl.constexpr):
+        tl.store(base + rows[:, None] * row_stride + offs_d[None, :] * d_stride,
+                 value.to(base.dtype.element_ty),
+                 mask=mask_rows[:, None] & (offs_d < HEAD_DIM)[None, :])
 
-    # Stage 1: this program's queries stay in registers for the whole key loop, as one or
-    # two head-dim slices (see "Head dims" in the module docstring).
-    q0 = _load_rows(q_base, offs_m, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        q1 = _load_rows(q_base, offs_m, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
 
-    # Stage 2: online softmax over key blocks.
-    for start_n in range(0, LK, BLOCK_N):
-        kn = start_n + offs_n
-        mask_n = kn < LK
-        s = _dot(q0, tl.trans(_load_rows(k_base, kn, skn, offs_d0, skd, mask_n, HEAD_DIM)),
-                 DOT_FP32, PREC)
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V,      # (B, H, Lq|Lk, D) through the strides below (any layout, e.g. a view)
+        O,            # (B, H, Lq, D) output, q's dtype
+        LSE,          # fp32 (B*H, Lq): base-2 log-sum-exp of the scaled scores, for the backward
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        H, LQ, LK,
+        qk_scale,     # softmax scale · log2(e)
+        HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+        ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
+    ):
+        # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
+        # and are multiplied back here: the product tells the compiler their divisibility, which
+        # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
+        # still load as 128-bit vectors (and qualify for cp.async).
+        sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
+        skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
+        svn, sob, soh, som = svn * ALIGN, sob * ALIGN, soh * ALIGN, som * ALIGN
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d0 = tl.arange(0, BLOCK_D0)
+        mask_m = offs_m < LQ
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+
+        # Stage 1: this program's queries stay in registers for the whole key loop, as one or
+        # two head-dim slices (see "Head dims" in the module docstring).
+        q0 = _load_rows(q_base, offs_m, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
         if BLOCK_D1 > 0:
-            s += _dot(q1, tl.trans(_load_rows(k_base, kn, skn, offs_d1, skd, mask_n, HEAD_DIM)),
-                      DOT_FP32, PREC)
-        s = s * qk_scale
-        if not EVEN_N:
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = p.to(V.dtype.element_ty)
-        acc0 = acc0 * alpha[:, None] + _dot(
-            p, _load_rows(v_base, kn, svn, offs_d0, svd, mask_n, HEAD_DIM), DOT_FP32, PREC)
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            q1 = _load_rows(q_base, offs_m, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
+            acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+
+        # Stage 2: online softmax over key blocks.
+        for start_n in range(0, LK, BLOCK_N):
+            kn = start_n + offs_n
+            mask_n = kn < LK
+            s = _dot(q0, tl.trans(_load_rows(k_base, kn, skn, offs_d0, skd, mask_n, HEAD_DIM)),
+                     DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                s += _dot(q1, tl.trans(_load_rows(k_base, kn, skn, offs_d1, skd, mask_n, HEAD_DIM)),
+                          DOT_FP32, PREC)
+            s = s * qk_scale
+            if not EVEN_N:
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = p.to(V.dtype.element_ty)
+            acc0 = acc0 * alpha[:, None] + _dot(
+                p, _load_rows(v_base, kn, svn, offs_d0, svd, mask_n, HEAD_DIM), DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                acc1 = acc1 * alpha[:, None] + _dot(
+                    p, _load_rows(v_base, kn, svn, offs_d1, svd, mask_n, HEAD_DIM), DOT_FP32, PREC)
+            m_i = m_new
+
+        # Stage 3: normalise, store o and the row log-sum-exp.
+        o_base = O + b * sob + h * soh
+        _store_rows(o_base, offs_m, som, offs_d0, sod, mask_m, acc0 / l_i[:, None], HEAD_DIM)
         if BLOCK_D1 > 0:
-            acc1 = acc1 * alpha[:, None] + _dot(
-                p, _load_rows(v_base, kn, svn, offs_d1, svd, mask_n, HEAD_DIM), DOT_FP32, PREC)
-        m_i = m_new
-
-    # Stage 3: normalise, store o and the row log-sum-exp.
-    o_base = O + b * sob + h * soh
-    _store_rows(o_base, offs_m, som, offs_d0, sod, mask_m, acc0 / l_i[:, None], HEAD_DIM)
-    if BLOCK_D1 > 0:
-        _store_rows(o_base, offs_m, som, offs_d1, sod, mask_m, acc1 / l_i[:, None], HEAD_DIM)
-    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+            _store_rows(o_base, offs_m, som, offs_d1, sod, mask_m, acc1 / l_i[:, None], HEAD_DIM)
+        tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
-@triton.jit
-def _attn_bwd_delta_kernel(
-    O, DO,        # (B, H, Lq, D) output and its gradient
-    DELTA,        # fp32 (B*H, Lq): rowsum(dO ∘ O), the softmax-Jacobian term
-    sob, soh, som, sod, sdb, sdh, sdm, sdd,
-    H, LQ,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
-):
-    # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
-    # and are multiplied back here: the product tells the compiler their divisibility, which
-    # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
-    # still load as 128-bit vectors (and qualify for cp.async).
-    sob, soh, som, sdb = sob * ALIGN, soh * ALIGN, som * ALIGN, sdb * ALIGN
-    sdh, sdm = sdh * ALIGN, sdm * ALIGN
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < LQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, axis=1),
-             mask=offs_m < LQ)
+    @triton.jit
+    def _attn_bwd_delta_kernel(
+        O, DO,        # (B, H, Lq, D) output and its gradient
+        DELTA,        # fp32 (B*H, Lq): rowsum(dO ∘ O), the softmax-Jacobian term
+        sob, soh, som, sod, sdb, sdh, sdm, sdd,
+        H, LQ,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
+    ):
+        # Strides arrive divided by ALIGN (16 bytes when every row starts on a 16-byte boundary)
+        # and are multiplied back here: the product tells the compiler their divisibility, which
+        # the JIT only infers for multiples of 16 elements, so that rows of 40 or 80 fp16 values
+        # still load as 128-bit vectors (and qualify for cp.async).
+        sob, soh, som, sdb = sob * ALIGN, soh * ALIGN, som * ALIGN, sdb * ALIGN
+        sdh, sdm = sdh * ALIGN, sdm * ALIGN
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < LQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                     mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, axis=1),
+                 mask=offs_m < LQ)
 
 
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # inputs and the output gradient, through their strides
-    DK, DV,       # outputs, k's / v's dtype and layout
-    LSE, DELTA,   # fp32 (B*H, Lq) from the forward / the delta kernel
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    H, LQ, LK,
-    sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
-    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
-):
-    # Strides in units of ALIGN (see _attn_fwd_kernel).
-    sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
-    skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
-    svn, sdb, sdh, sdm = svn * ALIGN, sdb * ALIGN, sdh * ALIGN, sdm * ALIGN
-    sdkb, sdkh, sdkn, sdvb = sdkb * ALIGN, sdkh * ALIGN, sdkn * ALIGN, sdvb * ALIGN
-    sdvh, sdvn = sdvh * ALIGN, sdvn * ALIGN
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    mask_n = offs_n < LK
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    row = pid_bh.to(tl.int64) * LQ
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO,  # inputs and the output gradient, through their strides
+        DK, DV,       # outputs, k's / v's dtype and layout
+        LSE, DELTA,   # fp32 (B*H, Lq) from the forward / the delta kernel
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+        H, LQ, LK,
+        sm_scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+        DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+        ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
+    ):
+        # Strides in units of ALIGN (see _attn_fwd_kernel).
+        sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
+        skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
+        svn, sdb, sdh, sdm = svn * ALIGN, sdb * ALIGN, sdh * ALIGN, sdm * ALIGN
+        sdkb, sdkh, sdkn, sdvb = sdkb * ALIGN, sdkh * ALIGN, sdkn * ALIGN, sdvb * ALIGN
+        sdvh, sdvn = sdvh * ALIGN, sdvn * ALIGN
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d0 = tl.arange(0, BLOCK_D0)
+        mask_n = offs_n < LK
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        row = pid_bh.to(tl.int64) * LQ
 
-    # Stage 1: this program's keys and values stay in registers (one or two head-dim slices).
-    k0 = _load_rows(k_base, offs_n, skn, offs_d0, skd, mask_n, HEAD_DIM)
-    v0 = _load_rows(v_base, offs_n, svn, offs_d0, svd, mask_n, HEAD_DIM)
-    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        k1 = _load_rows(k_base, offs_n, skn, offs_d1, skd, mask_n, HEAD_DIM)
-        v1 = _load_rows(v_base, offs_n, svn, offs_d1, svd, mask_n, HEAD_DIM)
-        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
-        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
-
-    # Stage 2: stream over all query blocks, working with transposed scores [keys, queries]
-    # so that dk and dv accumulate without transposing them.
-    for start_m in range(0, LQ, BLOCK_M):
-        qm = start_m + offs_m
-        mask_m = qm < LQ
-        q0 = _load_rows(q_base, qm, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
-        do0 = _load_rows(do_base, qm, sdm, offs_d0, sdd, mask_m, HEAD_DIM)
-        sT = _dot(k0, tl.trans(q0), DOT_FP32, PREC)
+        # Stage 1: this program's keys and values stay in registers (one or two head-dim slices).
+        k0 = _load_rows(k_base, offs_n, skn, offs_d0, skd, mask_n, HEAD_DIM)
+        v0 = _load_rows(v_base, offs_n, svn, offs_d0, svd, mask_n, HEAD_DIM)
+        dk0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
+        dv0 = tl.zeros([BLOCK_N, BLOCK_D0], tl.float32)
         if BLOCK_D1 > 0:
-            q1 = _load_rows(q_base, qm, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
-            do1 = _load_rows(do_base, qm, sdm, offs_d1, sdd, mask_m, HEAD_DIM)
-            sT += _dot(k1, tl.trans(q1), DOT_FP32, PREC)
-        lse = tl.load(LSE + row + qm, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + row + qm, mask=mask_m, other=0.0)
-        pT = tl.exp2(sT * qk_scale - lse[None, :])
-        # Padded keys only meet zero rows of k; padded queries must not contribute at all.
-        if not EVEN_M:
-            pT = tl.where(mask_m[None, :], pT, 0.0)
-        p16 = pT.to(DO.dtype.element_ty)
-        dv0 += _dot(p16, do0, DOT_FP32, PREC)
-        dpT = _dot(v0, tl.trans(do0), DOT_FP32, PREC)
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            k1 = _load_rows(k_base, offs_n, skn, offs_d1, skd, mask_n, HEAD_DIM)
+            v1 = _load_rows(v_base, offs_n, svn, offs_d1, svd, mask_n, HEAD_DIM)
+            dk1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+            dv1 = tl.zeros([BLOCK_N, BLOCK_D1], tl.float32)
+
+        # Stage 2: stream over all query blocks, working with transposed scores [keys, queries]
+        # so that dk and dv accumulate without transposing them.
+        for start_m in range(0, LQ, BLOCK_M):
+            qm = start_m + offs_m
+            mask_m = qm < LQ
+            q0 = _load_rows(q_base, qm, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
+            do0 = _load_rows(do_base, qm, sdm, offs_d0, sdd, mask_m, HEAD_DIM)
+            sT = _dot(k0, tl.trans(q0), DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                q1 = _load_rows(q_base, qm, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
+                do1 = _load_rows(do_base, qm, sdm, offs_d1, sdd, mask_m, HEAD_DIM)
+                sT += _dot(k1, tl.trans(q1), DOT_FP32, PREC)
+            lse = tl.load(LSE + row + qm, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + row + qm, mask=mask_m, other=0.0)
+            pT = tl.exp2(sT * qk_scale - lse[None, :])
+            # Padded keys only meet zero rows of k; padded queries must not contribute at all.
+            if not EVEN_M:
+                pT = tl.where(mask_m[None, :], pT, 0.0)
+            p16 = pT.to(DO.dtype.element_ty)
+            dv0 += _dot(p16, do0, DOT_FP32, PREC)
+            dpT = _dot(v0, tl.trans(do0), DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                dv1 += _dot(p16, do1, DOT_FP32, PREC)
+                dpT += _dot(v1, tl.trans(do1), DOT_FP32, PREC)
+            ds16 = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
+            dk0 += _dot(ds16, q0, DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                dk1 += _dot(ds16, q1, DOT_FP32, PREC)
+
+        # Stage 3: store (the softmax scale enters dk once, here).
+        dk_base = DK + b * sdkb + h * sdkh
+        dv_base = DV + b * sdvb + h * sdvh
+        _store_rows(dk_base, offs_n, sdkn, offs_d0, sdkd, mask_n, dk0 * sm_scale, HEAD_DIM)
+        _store_rows(dv_base, offs_n, sdvn, offs_d0, sdvd, mask_n, dv0, HEAD_DIM)
         if BLOCK_D1 > 0:
-            dv1 += _dot(p16, do1, DOT_FP32, PREC)
-            dpT += _dot(v1, tl.trans(do1), DOT_FP32, PREC)
-        ds16 = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
-        dk0 += _dot(ds16, q0, DOT_FP32, PREC)
+            _store_rows(dk_base, offs_n, sdkn, offs_d1, sdkd, mask_n, dk1 * sm_scale, HEAD_DIM)
+            _store_rows(dv_base, offs_n, sdvn, offs_d1, sdvd, mask_n, dv1, HEAD_DIM)
+
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO,  # inputs and the output gradient, through their strides
+        DQ,           # output, q's dtype and layout
+        LSE, DELTA,   # fp32 (B*H, Lq)
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+        sdqb, sdqh, sdqm, sdqd,
+        H, LQ, LK,
+        sm_scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+        ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
+    ):
+        # Strides in units of ALIGN (see _attn_fwd_kernel).
+        sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
+        skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
+        svn, sdb, sdh, sdm = svn * ALIGN, sdb * ALIGN, sdh * ALIGN, sdm * ALIGN
+        sdqb, sdqh, sdqm = sdqb * ALIGN, sdqh * ALIGN, sdqm * ALIGN
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d0 = tl.arange(0, BLOCK_D0)
+        mask_m = offs_m < LQ
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+
+        # Stage 1: this program's queries, output gradients and row statistics.
+        q0 = _load_rows(q_base, offs_m, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
+        do0 = _load_rows(do_base, offs_m, sdm, offs_d0, sdd, mask_m, HEAD_DIM)
+        dq0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
         if BLOCK_D1 > 0:
-            dk1 += _dot(ds16, q1, DOT_FP32, PREC)
+            offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            q1 = _load_rows(q_base, offs_m, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
+            do1 = _load_rows(do_base, offs_m, sdm, offs_d1, sdd, mask_m, HEAD_DIM)
+            dq1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+        row = pid_bh.to(tl.int64) * LQ
+        lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
 
-    # Stage 3: store (the softmax scale enters dk once, here).
-    dk_base = DK + b * sdkb + h * sdkh
-    dv_base = DV + b * sdvb + h * sdvh
-    _store_rows(dk_base, offs_n, sdkn, offs_d0, sdkd, mask_n, dk0 * sm_scale, HEAD_DIM)
-    _store_rows(dv_base, offs_n, sdvn, offs_d0, sdvd, mask_n, dv0, HEAD_DIM)
-    if BLOCK_D1 > 0:
-        _store_rows(dk_base, offs_n, sdkn, offs_d1, sdkd, mask_n, dk1 * sm_scale, HEAD_DIM)
-        _store_rows(dv_base, offs_n, sdvn, offs_d1, sdvd, mask_n, dv1, HEAD_DIM)
+        # Stage 2: stream over key blocks, recomputing p and ds.
+        for start_n in range(0, LK, BLOCK_N):
+            kn = start_n + offs_n
+            mask_n = kn < LK
+            k0 = _load_rows(k_base, kn, skn, offs_d0, skd, mask_n, HEAD_DIM)
+            v0 = _load_rows(v_base, kn, svn, offs_d0, svd, mask_n, HEAD_DIM)
+            s = _dot(q0, tl.trans(k0), DOT_FP32, PREC)
+            dp = _dot(do0, tl.trans(v0), DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                k1 = _load_rows(k_base, kn, skn, offs_d1, skd, mask_n, HEAD_DIM)
+                v1 = _load_rows(v_base, kn, svn, offs_d1, svd, mask_n, HEAD_DIM)
+                s += _dot(q1, tl.trans(k1), DOT_FP32, PREC)
+                dp += _dot(do1, tl.trans(v1), DOT_FP32, PREC)
+            p = tl.exp2(s * qk_scale - lse[:, None])
+            if not EVEN_N:
+                p = tl.where(mask_n[None, :], p, 0.0)
+            ds16 = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+            dq0 += _dot(ds16, k0, DOT_FP32, PREC)
+            if BLOCK_D1 > 0:
+                dq1 += _dot(ds16, k1, DOT_FP32, PREC)
 
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO,  # inputs and the output gradient, through their strides
-    DQ,           # output, q's dtype and layout
-    LSE, DELTA,   # fp32 (B*H, Lq)
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    sdqb, sdqh, sdqm, sdqd,
-    H, LQ, LK,
-    sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
-    ALIGN: tl.constexpr,  # strides other than the head dim's come in units of ALIGN elements
-):
-    # Strides in units of ALIGN (see _attn_fwd_kernel).
-    sqb, sqh, sqm, skb = sqb * ALIGN, sqh * ALIGN, sqm * ALIGN, skb * ALIGN
-    skh, skn, svb, svh = skh * ALIGN, skn * ALIGN, svb * ALIGN, svh * ALIGN
-    svn, sdb, sdh, sdm = svn * ALIGN, sdb * ALIGN, sdh * ALIGN, sdm * ALIGN
-    sdqb, sdqh, sdqm = sdqb * ALIGN, sdqh * ALIGN, sdqm * ALIGN
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    mask_m = offs_m < LQ
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-
-    # Stage 1: this program's queries, output gradients and row statistics.
-    q0 = _load_rows(q_base, offs_m, sqm, offs_d0, sqd, mask_m, HEAD_DIM)
-    do0 = _load_rows(do_base, offs_m, sdm, offs_d0, sdd, mask_m, HEAD_DIM)
-    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
-    if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        q1 = _load_rows(q_base, offs_m, sqm, offs_d1, sqd, mask_m, HEAD_DIM)
-        do1 = _load_rows(do_base, offs_m, sdm, offs_d1, sdd, mask_m, HEAD_DIM)
-        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
-    row = pid_bh.to(tl.int64) * LQ
-    lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
-
-    # Stage 2: stream over key blocks, recomputing p and ds.
-    for start_n in range(0, LK, BLOCK_N):
-        kn = start_n + offs_n
-        mask_n = kn < LK
-        k0 = _load_rows(k_base, kn, skn, offs_d0, skd, mask_n, HEAD_DIM)
-        v0 = _load_rows(v_base, kn, svn, offs_d0, svd, mask_n, HEAD_DIM)
-        s = _dot(q0, tl.trans(k0), DOT_FP32, PREC)
-        dp = _dot(do0, tl.trans(v0), DOT_FP32, PREC)
+        # Stage 3: store.
+        dq_base = DQ + b * sdqb + h * sdqh
+        _store_rows(dq_base, offs_m, sdqm, offs_d0, sdqd, mask_m, dq0 * sm_scale, HEAD_DIM)
         if BLOCK_D1 > 0:
-            k1 = _load_rows(k_base, kn, skn, offs_d1, skd, mask_n, HEAD_DIM)
-            v1 = _load_rows(v_base, kn, svn, offs_d1, svd, mask_n, HEAD_DIM)
-            s += _dot(q1, tl.trans(k1), DOT_FP32, PREC)
-            dp += _dot(do1, tl.trans(v1), DOT_FP32, PREC)
-        p = tl.exp2(s * qk_scale - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(mask_n[None, :], p, 0.0)
-        ds16 = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-        dq0 += _dot(ds16, k0, DOT_FP32, PREC)
-        if BLOCK_D1 > 0:
-            dq1 += _dot(ds16, k1, DOT_FP32, PREC)
-
-    # Stage 3: store.
-    dq_base = DQ + b * sdqb + h * sdqh
-    _store_rows(dq_base, offs_m, sdqm, offs_d0, sdqd, mask_m, dq0 * sm_scale, HEAD_DIM)
-    if BLOCK_D1 > 0:
-        _store_rows(dq_base, offs_m, sdqm, offs_d1, sdqd, mask_m, dq1 * sm_scale, HEAD_DIM)
+            _store_rows(dq_base, offs_m, sdqm, offs_d1, sdqd, mask_m, dq1 * sm_scale, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- 3. launchers
@@ -359,9 +364,12 @@ _MAX_HEAD_DIM = 256
 
 # Whether a sequence length is a multiple of the block: decided per launch (under autotuning
 # the block size is only known inside the autotuner, hence heuristics, not launcher code).
-_fwd = triton.heuristics({"EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0})(_attn_fwd_kernel)
-_dq = triton.heuristics({"EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0})(_attn_bwd_dq_kernel)
-_dkdv = triton.heuristics({"EVEN_M": lambda a: a["LQ"] % a["BLOCK_M"] == 0})(_attn_bwd_dkdv_kernel)
+if triton is not None:
+    _fwd = triton.heuristics({"EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0})(_attn_fwd_kernel)
+    _dq = triton.heuristics({"EVEN_N": lambda a: a["LK"] % a["BLOCK_N"] == 0})(
+        _attn_bwd_dq_kernel)
+    _dkdv = triton.heuristics({"EVEN_M": lambda a: a["LQ"] % a["BLOCK_M"] == 0})(
+        _attn_bwd_dkdv_kernel)
 
 # Under the interpreter (CPU tests) blocks are fixed and small: lengths such as 50 and 77 then
 # cover several blocks and a ragged tail, and no time goes to autotuning numpy.
@@ -581,7 +589,7 @@ _attention_fwd_op.register_autograd(_attn_backward_rule, setup_context=_attn_set
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernels handle these inputs; `ops` falls back to eager, saying so."""
-    return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+    return (triton is not None and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
             and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
             and q.device == k.device == v.device
             and q.shape[:2] == k.shape[:2] == v.shape[:2]

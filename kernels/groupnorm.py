@@ -54,8 +54,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # an eager-only install: the *_ref implementations need no Triton
+    triton = None
 
 # ----------------------------------------------------------------------------- 1. reference
 
@@ -89,442 +93,444 @@ def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, s
 
 # ----------------------------------------------------------------------------- 2. kernels
 
+if triton is not None:   # the kernels exist only where Triton is installed
 
-@triton.jit
-def _gn_stats_kernel(
-    X,            # input viewed as (B, C, HW) with strides (sxb, sxc, sxs); any float dtype
-    PART,         # fp32 (3, B*C*NS): count, mean, M2 of each channel over each spatial chunk
-    sxb, sxc, sxs,
-    C, HW,
-    NS,           # spatial chunks (statistics partials per channel)
-    ITERS,        # spatial tiles per chunk
-    ADD, sab, sac,  # (B, C) bias added to x before the statistics (unused if not HAS_ADD)
-    HAS_ADD: tl.constexpr,
-    WIDE: tl.constexpr,  # 64-bit spatial offsets: channels-last position × C can pass 2³¹
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)        # which sample
-    pid_s = tl.program_id(1)    # which spatial chunk (ITERS tiles of BLOCK_S positions)
-    pid_c = tl.program_id(2)    # which block of BLOCK_C channels (any channels, any groups)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = ch < C
-    base = X + b.to(tl.int64) * sxb + ch.to(tl.int64)[:, None] * sxc
-    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+    @triton.jit
+    def _gn_stats_kernel(
+        X,            # input viewed as (B, C, HW) with strides (sxb, sxc, sxs); any float dtype
+        PART,         # fp32 (3, B*C*NS): count, mean, M2 of each channel over each spatial chunk
+        sxb, sxc, sxs,
+        C, HW,
+        NS,           # spatial chunks (statistics partials per channel)
+        ITERS,        # spatial tiles per chunk
+        ADD, sab, sac,  # (B, C) bias added to x before the statistics (unused if not HAS_ADD)
+        HAS_ADD: tl.constexpr,
+        WIDE: tl.constexpr,  # 64-bit spatial offsets: channels-last position × C can pass 2³¹
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)        # which sample
+        pid_s = tl.program_id(1)    # which spatial chunk (ITERS tiles of BLOCK_S positions)
+        pid_c = tl.program_id(2)    # which block of BLOCK_C channels (any channels, any groups)
+        ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = ch < C
+        base = X + b.to(tl.int64) * sxb + ch.to(tl.int64)[:, None] * sxc
+        add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
-    # Running per-channel (count, mean, M2) over the chunk. Each tile is reduced exactly
-    # (mean first, then the centred sum of squares, in registers), tiles are merged with Chan
-    # et al.'s pairwise update: no E[x²] − E[x]² cancellation at any size.
-    n = tl.zeros([BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    for it in range(0, ITERS):
-        offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+        # Running per-channel (count, mean, M2) over the chunk. Each tile is reduced exactly
+        # (mean first, then the centred sum of squares, in registers), tiles are merged with Chan
+        # et al.'s pairwise update: no E[x²] − E[x]² cancellation at any size.
+        n = tl.zeros([BLOCK_C], tl.float32)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        for it in range(0, ITERS):
+            offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+            offs_s = _wide(offs_s, WIDE)
+            mask = mask_c[:, None] & (offs_s < HW)[None, :]
+            x = _shifted(tl.load(base + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
+                         HAS_ADD)
+            cnt = tl.sum(mask.to(tl.float32), axis=1)
+            t_mean = tl.sum(x, axis=1) / tl.maximum(cnt, 1.0)
+            d = tl.where(mask, x - t_mean[:, None], 0.0)
+            t_m2 = tl.sum(d * d, axis=1)
+            tot = tl.maximum(n + cnt, 1.0)
+            delta = t_mean - mean
+            mean = mean + delta * (cnt / tot)
+            m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
+            n = n + cnt
+
+        total = tl.num_programs(0) * C * NS
+        slot = (b * C + ch).to(tl.int64) * NS + pid_s
+        tl.store(PART + slot, n, mask=mask_c)
+        tl.store(PART + total + slot, mean, mask=mask_c)
+        tl.store(PART + 2 * total + slot, m2, mask=mask_c)
+
+
+    @triton.jit
+    def _gn_group_stats_kernel(
+        PART,         # fp32 (3, B*C*NS) per-channel partials from _gn_stats_kernel
+        MEAN, RSTD,   # fp32 (B*G,) outputs: the group statistics
+        C, G, CPG, NS, eps,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """One program per (sample, group): merge its CPG × NS partials with Chan's formula,
+        M2 = Σ M2_i + Σ n_i (mean_i − μ)², in two sweeps (μ first) over a few KB from L2."""
+        pid_bg = tl.program_id(0)
+        b = pid_bg // G
+        g = pid_bg % G
+        total = tl.num_programs(0) // G * C * NS
+        offs_p = tl.arange(0, BLOCK_P)
+        n = 0.0
+        s = 0.0
+        for c0 in range(0, CPG, BLOCK_C):
+            oc = c0 + tl.arange(0, BLOCK_C)
+            ptr = PART + (b * C + g * CPG + oc).to(tl.int64)[:, None] * NS + offs_p[None, :]
+            m = (oc < CPG)[:, None] & (offs_p < NS)[None, :]
+            cnt = tl.load(ptr, mask=m, other=0.0)
+            n += tl.sum(tl.sum(cnt, axis=1), axis=0)
+            s += tl.sum(tl.sum(cnt * tl.load(ptr + total, mask=m, other=0.0), axis=1), axis=0)
+        mu = s / n
+        m2 = 0.0
+        for c0 in range(0, CPG, BLOCK_C):
+            oc = c0 + tl.arange(0, BLOCK_C)
+            ptr = PART + (b * C + g * CPG + oc).to(tl.int64)[:, None] * NS + offs_p[None, :]
+            m = (oc < CPG)[:, None] & (offs_p < NS)[None, :]
+            cnt = tl.load(ptr, mask=m, other=0.0)
+            dev = tl.where(m, tl.load(ptr + total, mask=m, other=0.0) - mu, 0.0)
+            m2 += tl.sum(tl.sum(tl.load(ptr + 2 * total, mask=m, other=0.0) + cnt * dev * dev,
+                                axis=1), axis=0)
+        tl.store(MEAN + pid_bg, mu)
+        tl.store(RSTD + pid_bg, 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps))
+
+
+    @triton.jit
+    def _wide(offs, WIDE: tl.constexpr):
+        """Spatial offsets in 64 bits when the launcher says position × stride can overflow 32."""
+        if WIDE:
+            offs = offs.to(tl.int64)
+        return offs
+
+
+    @triton.jit
+    def _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr):
+        """fp32 [BLOCK_C] per-sample channel bias added to x before normalising (0 if absent)."""
+        a = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_ADD:
+            a = tl.load(ADD + b * sab + ch * sac, mask=mask_c, other=0.0).to(tl.float32)
+        return a
+
+
+    @triton.jit
+    def _shifted(x, add, mask, HAS_ADD: tl.constexpr):
+        """x (a loaded [BLOCK_C, BLOCK_S] tile) in fp32, plus the channel bias; padding lanes stay
+        0 so that they drop out of every sum."""
+        x = x.to(tl.float32)
+        if HAS_ADD:
+            x = tl.where(mask, x + add[:, None], 0.0)
+        return x
+
+
+    @triton.jit
+    def _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+        """fp32 [BLOCK_C] vectors w, β, 1+scale, shift for channels `ch` of sample b; absent
+        inputs give the identity (1, 0, 1, 0)."""
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        beta = tl.zeros([BLOCK_C], tl.float32)
+        s1 = tl.full([BLOCK_C], 1.0, tl.float32)
+        sh = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_W:
+            w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_B:
+            beta = tl.load(BETA + ch, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s1 = 1.0 + tl.load(SCALE + b * ssb + ch * ssc, mask=mask_c, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            sh = tl.load(SHIFT + b * shb + ch * shc, mask=mask_c, other=0.0).to(tl.float32)
+        return w, beta, s1, sh
+
+
+    @triton.jit
+    def _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT: tl.constexpr):
+        """y from x for a [BLOCK_C, BLOCK_S] tile: the folded v = x·a + d, then SiLU."""
+        a = rstd * w * s1
+        d = (beta - mean * rstd * w) * s1 + sh
+        v = x * a[:, None] + d[:, None]
+        if ACT:
+            # Padding lanes hold x = 0, i.e. v = d, which can be far out (|μ·r| large) and make
+            # exp overflow; they are never stored, but zero them so no inf is ever computed.
+            v = tl.where(mask, v, 0.0)
+            v = v * tl.sigmoid(v)
+        return v
+
+
+    @triton.jit
+    def _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT: tl.constexpr):
+        """dv (the gradient at the input of SiLU) from dy, zero on padding lanes. SiLU'(v) =
+        σ(v)·(1 + v·(1 − σ(v))), with v recomputed from x̂ rather than stored by the forward."""
+        dv = dy
+        if ACT:
+            v = (xhat * w[:, None] + beta[:, None]) * s1[:, None] + sh[:, None]
+            v = tl.where(mask, v, 0.0)   # padding lanes: keep exp finite (as in the forward)
+            sig = tl.sigmoid(v)
+            dv = dv * sig * (1.0 + v * (1.0 - sig))
+        return tl.where(mask, dv, 0.0)
+
+
+    @triton.jit
+    def _group_of(STAT, b, ch, mask_c, G, CPG):
+        """Per-channel gather of a per-(sample, group) fp32 statistic: a tile may span groups."""
+        return tl.load(STAT + b * G + ch // CPG, mask=mask_c, other=0.0)
+
+
+    @triton.jit
+    def _gn_fwd_kernel(
+        X, Y,         # input and output, both viewed as (B, C, HW) through their own strides
+        MEAN, RSTD,   # fp32 (B*G,) group statistics from _gn_group_stats_kernel
+        W, BETA,      # (C,) affine weight and bias (any float dtype; unused if not HAS_*)
+        SCALE, SHIFT, # (B, C) per-sample modulation (strides ssb, ssc / shb, shc)
+        sxb, sxc, sxs, syb, syc, sys_,
+        ssb, ssc, shb, shc,
+        C, HW, G, CPG,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+        ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+        WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_c = tl.program_id(2)
+
+        # Stage 1: this tile's per-channel constants (its channels may belong to several groups).
+        ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = ch < C
+        mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
+        rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
+        w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+
+        # Stage 2: the tile — one multiply-add, optional SiLU, one store in the output dtype.
+        offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         offs_s = _wide(offs_s, WIDE)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
-        x = _shifted(tl.load(base + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
-                     HAS_ADD)
-        cnt = tl.sum(mask.to(tl.float32), axis=1)
-        t_mean = tl.sum(x, axis=1) / tl.maximum(cnt, 1.0)
-        d = tl.where(mask, x - t_mean[:, None], 0.0)
-        t_m2 = tl.sum(d * d, axis=1)
-        tot = tl.maximum(n + cnt, 1.0)
-        delta = t_mean - mean
-        mean = mean + delta * (cnt / tot)
-        m2 = m2 + t_m2 + delta * delta * (n * cnt / tot)
-        n = n + cnt
-
-    total = tl.num_programs(0) * C * NS
-    slot = (b * C + ch).to(tl.int64) * NS + pid_s
-    tl.store(PART + slot, n, mask=mask_c)
-    tl.store(PART + total + slot, mean, mask=mask_c)
-    tl.store(PART + 2 * total + slot, m2, mask=mask_c)
+        chl = ch.to(tl.int64)[:, None]
+        x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
+                             mask=mask, other=0.0), add, mask, HAS_ADD)
+        v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
+        tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
+                 v.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _gn_group_stats_kernel(
-    PART,         # fp32 (3, B*C*NS) per-channel partials from _gn_stats_kernel
-    MEAN, RSTD,   # fp32 (B*G,) outputs: the group statistics
-    C, G, CPG, NS, eps,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """One program per (sample, group): merge its CPG × NS partials with Chan's formula,
-    M2 = Σ M2_i + Σ n_i (mean_i − μ)², in two sweeps (μ first) over a few KB from L2."""
-    pid_bg = tl.program_id(0)
-    b = pid_bg // G
-    g = pid_bg % G
-    total = tl.num_programs(0) // G * C * NS
-    offs_p = tl.arange(0, BLOCK_P)
-    n = 0.0
-    s = 0.0
-    for c0 in range(0, CPG, BLOCK_C):
-        oc = c0 + tl.arange(0, BLOCK_C)
-        ptr = PART + (b * C + g * CPG + oc).to(tl.int64)[:, None] * NS + offs_p[None, :]
-        m = (oc < CPG)[:, None] & (offs_p < NS)[None, :]
-        cnt = tl.load(ptr, mask=m, other=0.0)
-        n += tl.sum(tl.sum(cnt, axis=1), axis=0)
-        s += tl.sum(tl.sum(cnt * tl.load(ptr + total, mask=m, other=0.0), axis=1), axis=0)
-    mu = s / n
-    m2 = 0.0
-    for c0 in range(0, CPG, BLOCK_C):
-        oc = c0 + tl.arange(0, BLOCK_C)
-        ptr = PART + (b * C + g * CPG + oc).to(tl.int64)[:, None] * NS + offs_p[None, :]
-        m = (oc < CPG)[:, None] & (offs_p < NS)[None, :]
-        cnt = tl.load(ptr, mask=m, other=0.0)
-        dev = tl.where(m, tl.load(ptr + total, mask=m, other=0.0) - mu, 0.0)
-        m2 += tl.sum(tl.sum(tl.load(ptr + 2 * total, mask=m, other=0.0) + cnt * dev * dev,
-                            axis=1), axis=0)
-    tl.store(MEAN + pid_bg, mu)
-    tl.store(RSTD + pid_bg, 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps))
+    @triton.jit
+    def _gn_fwd_single_kernel(
+        X, Y, MEAN, RSTD, W, BETA, SCALE, SHIFT,   # as in _gn_fwd_kernel
+        sxb, sxc, sxs, syb, syc, sys_,
+        ssb, ssc, shb, shc,
+        HW, G, CPG, eps,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+        ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+        WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """Whole group in one tile (small groups: the UNet's 8×8 level, the tiny preset): one
+        program per (sample, group) reads x once, keeps it in registers for the exact two-pass
+        statistics, and writes y — one launch, no partials."""
+        pid_bg = tl.program_id(0)
+        b = pid_bg // G
+        g = pid_bg % G
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_s = _wide(offs_s, WIDE)
+        mask_c = offs_c < CPG
+        mask = mask_c[:, None] & (offs_s < HW)[None, :]
+        ch = g * CPG + offs_c
+        chl = ch.to(tl.int64)[:, None]
+        add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+        x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
+                             mask=mask, other=0.0), add, mask, HAS_ADD)
+        n = CPG * HW * 1.0   # not .to(): CPG or HW may be a compile-time 1
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+        dev = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dev * dev, axis=1), axis=0) / n + eps)
+        tl.store(MEAN + pid_bg, mean)
+        tl.store(RSTD + pid_bg, rstd)
+        w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
+        tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
+                 v.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _wide(offs, WIDE: tl.constexpr):
-    """Spatial offsets in 64 bits when the launcher says position × stride can overflow 32."""
-    if WIDE:
-        offs = offs.to(tl.int64)
-    return offs
+    @triton.jit
+    def _gn_bwd_reduce_kernel(
+        X, DY,        # input and upstream gradient, (B, C, HW) through their strides
+        MEAN, RSTD,   # fp32 (B*G,) from the forward
+        W, BETA, SCALE, SHIFT,   # as in the forward (needed to recompute v for SiLU's derivative)
+        PS1, PS2,     # fp32 (B, C, NS) partial Σ dv and Σ dv·x̂ per spatial chunk
+        sxb, sxc, sxs, sdb, sdc, sds,
+        ssb, ssc, shb, shc,
+        C, HW, G, CPG, NS, ITERS,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+        ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+        WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_c = tl.program_id(2)
+        ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = ch < C
+        mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
+        rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
+        w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+
+        chl = ch.to(tl.int64)[:, None]
+        xb = X + b.to(tl.int64) * sxb + chl * sxc
+        db = DY + b.to(tl.int64) * sdb + chl * sdc
+        acc1 = tl.zeros([BLOCK_C], tl.float32)
+        acc2 = tl.zeros([BLOCK_C], tl.float32)
+        for it in range(0, ITERS):
+            offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+            offs_s = _wide(offs_s, WIDE)
+            mask = mask_c[:, None] & (offs_s < HW)[None, :]
+            x = _shifted(tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
+                         HAS_ADD)
+            dy = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
+            acc1 += tl.sum(dv, axis=1)
+            acc2 += tl.sum(dv * xhat, axis=1)
+        out = (b * C + ch).to(tl.int64) * NS + pid_s
+        tl.store(PS1 + out, acc1, mask=mask_c)
+        tl.store(PS2 + out, acc2, mask=mask_c)
 
 
-@triton.jit
-def _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr):
-    """fp32 [BLOCK_C] per-sample channel bias added to x before normalising (0 if absent)."""
-    a = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_ADD:
-        a = tl.load(ADD + b * sab + ch * sac, mask=mask_c, other=0.0).to(tl.float32)
-    return a
+    @triton.jit
+    def _gn_bwd_group_kernel(
+        PS1, PS2,     # fp32 (B, C, NS) partials from _gn_bwd_reduce_kernel
+        W, BETA, SCALE, SHIFT,   # as in the forward
+        PW, PB,       # fp32 (B, C) per-sample terms of dw, dβ (launcher sums over B)
+        DSCALE, DSHIFT,  # fp32 (B, C) gradients of the modulation
+        C1, C2,       # fp32 (B*G,) the group means Σ_c w(1+scale)·S1 / N and ·S2 / N
+        ssb, ssc, shb, shc,
+        C, HW, G, CPG, NS,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """One program per (sample, group): sum its channels' partials into S1, S2, write the
+        per-(b, c) parameter-gradient terms and the two group means the dx kernel needs."""
+        pid_bg = tl.program_id(0)
+        b = pid_bg // G
+        g = pid_bg % G
+        offs_p = tl.arange(0, BLOCK_P)
+        c1v = tl.zeros([BLOCK_C], tl.float32)
+        c2v = tl.zeros([BLOCK_C], tl.float32)
+        for c0 in range(0, CPG, BLOCK_C):
+            oc = c0 + tl.arange(0, BLOCK_C)
+            mc = oc < CPG
+            ch = g * CPG + oc
+            pc = (b * C + ch).to(tl.int64)
+            pm = mc[:, None] & (offs_p < NS)[None, :]
+            pp = pc[:, None] * NS + offs_p[None, :]
+            S1 = tl.sum(tl.load(PS1 + pp, mask=pm, other=0.0), axis=1)
+            S2 = tl.sum(tl.load(PS2 + pp, mask=pm, other=0.0), axis=1)
+            w, beta, s1, _ = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mc, ssb, ssc, shb, shc,
+                                             HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            c1v += w * s1 * S1
+            c2v += w * s1 * S2
+            tl.store(PW + pc, s1 * S2, mask=mc)
+            tl.store(PB + pc, s1 * S1, mask=mc)
+            tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mc)
+            tl.store(DSHIFT + pc, S1, mask=mc)
+        # Not (CPG * HW).to(...): Triton turns integer arguments equal to 1 into compile-time
+        # constants (a 1×1 group, or HW = 1), and a constant has no .to().
+        n = CPG * HW * 1.0
+        tl.store(C1 + pid_bg, tl.sum(c1v, axis=0) / n)
+        tl.store(C2 + pid_bg, tl.sum(c2v, axis=0) / n)
 
 
-@triton.jit
-def _shifted(x, add, mask, HAS_ADD: tl.constexpr):
-    """x (a loaded [BLOCK_C, BLOCK_S] tile) in fp32, plus the channel bias; padding lanes stay
-    0 so that they drop out of every sum."""
-    x = x.to(tl.float32)
-    if HAS_ADD:
-        x = tl.where(mask, x + add[:, None], 0.0)
-    return x
+    @triton.jit
+    def _gn_bwd_dx_kernel(
+        X, DY, DX,    # (B, C, HW) through their own strides; DX in x's dtype
+        MEAN, RSTD, C1, C2,   # fp32 (B*G,): forward statistics, _gn_bwd_group_kernel's means
+        W, BETA, SCALE, SHIFT,
+        sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
+        ssb, ssc, shb, shc,
+        C, HW, G, CPG,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+        ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+        WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_c = tl.program_id(2)
+        ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = ch < C
+        mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
+        rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
+        c1 = _group_of(C1, b, ch, mask_c, G, CPG)
+        c2 = _group_of(C2, b, ch, mask_c, G, CPG)
+        w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
-
-@triton.jit
-def _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """fp32 [BLOCK_C] vectors w, β, 1+scale, shift for channels `ch` of sample b; absent
-    inputs give the identity (1, 0, 1, 0)."""
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    beta = tl.zeros([BLOCK_C], tl.float32)
-    s1 = tl.full([BLOCK_C], 1.0, tl.float32)
-    sh = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_W:
-        w = tl.load(W + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_B:
-        beta = tl.load(BETA + ch, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + b * ssb + ch * ssc, mask=mask_c, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        sh = tl.load(SHIFT + b * shb + ch * shc, mask=mask_c, other=0.0).to(tl.float32)
-    return w, beta, s1, sh
-
-
-@triton.jit
-def _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT: tl.constexpr):
-    """y from x for a [BLOCK_C, BLOCK_S] tile: the folded v = x·a + d, then SiLU."""
-    a = rstd * w * s1
-    d = (beta - mean * rstd * w) * s1 + sh
-    v = x * a[:, None] + d[:, None]
-    if ACT:
-        # Padding lanes hold x = 0, i.e. v = d, which can be far out (|μ·r| large) and make
-        # exp overflow; they are never stored, but zero them so no inf is ever computed.
-        v = tl.where(mask, v, 0.0)
-        v = v * tl.sigmoid(v)
-    return v
-
-
-@triton.jit
-def _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT: tl.constexpr):
-    """dv (the gradient at the input of SiLU) from dy, zero on padding lanes. SiLU'(v) =
-    σ(v)·(1 + v·(1 − σ(v))), with v recomputed from x̂ rather than stored by the forward."""
-    dv = dy
-    if ACT:
-        v = (xhat * w[:, None] + beta[:, None]) * s1[:, None] + sh[:, None]
-        v = tl.where(mask, v, 0.0)   # padding lanes: keep exp finite (as in the forward)
-        sig = tl.sigmoid(v)
-        dv = dv * sig * (1.0 + v * (1.0 - sig))
-    return tl.where(mask, dv, 0.0)
-
-
-@triton.jit
-def _group_of(STAT, b, ch, mask_c, G, CPG):
-    """Per-channel gather of a per-(sample, group) fp32 statistic: a tile may span groups."""
-    return tl.load(STAT + b * G + ch // CPG, mask=mask_c, other=0.0)
-
-
-@triton.jit
-def _gn_fwd_kernel(
-    X, Y,         # input and output, both viewed as (B, C, HW) through their own strides
-    MEAN, RSTD,   # fp32 (B*G,) group statistics from _gn_group_stats_kernel
-    W, BETA,      # (C,) affine weight and bias (any float dtype; unused if not HAS_*)
-    SCALE, SHIFT, # (B, C) per-sample modulation (strides ssb, ssc / shb, shc)
-    sxb, sxc, sxs, syb, syc, sys_,
-    ssb, ssc, shb, shc,
-    C, HW, G, CPG,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
-    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_c = tl.program_id(2)
-
-    # Stage 1: this tile's per-channel constants (its channels may belong to several groups).
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = ch < C
-    mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
-    rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
-    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
-                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
-
-    # Stage 2: the tile — one multiply-add, optional SiLU, one store in the output dtype.
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_s = _wide(offs_s, WIDE)
-    mask = mask_c[:, None] & (offs_s < HW)[None, :]
-    chl = ch.to(tl.int64)[:, None]
-    x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
-                         mask=mask, other=0.0), add, mask, HAS_ADD)
-    v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
-    tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
-             v.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gn_fwd_single_kernel(
-    X, Y, MEAN, RSTD, W, BETA, SCALE, SHIFT,   # as in _gn_fwd_kernel
-    sxb, sxc, sxs, syb, syc, sys_,
-    ssb, ssc, shb, shc,
-    HW, G, CPG, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
-    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """Whole group in one tile (small groups: the UNet's 8×8 level, the tiny preset): one
-    program per (sample, group) reads x once, keeps it in registers for the exact two-pass
-    statistics, and writes y — one launch, no partials."""
-    pid_bg = tl.program_id(0)
-    b = pid_bg // G
-    g = pid_bg % G
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_s = _wide(offs_s, WIDE)
-    mask_c = offs_c < CPG
-    mask = mask_c[:, None] & (offs_s < HW)[None, :]
-    ch = g * CPG + offs_c
-    chl = ch.to(tl.int64)[:, None]
-    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
-    x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
-                         mask=mask, other=0.0), add, mask, HAS_ADD)
-    n = CPG * HW * 1.0   # not .to(): CPG or HW may be a compile-time 1
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
-    dev = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dev * dev, axis=1), axis=0) / n + eps)
-    tl.store(MEAN + pid_bg, mean)
-    tl.store(RSTD + pid_bg, rstd)
-    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
-                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
-    tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
-             v.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gn_bwd_reduce_kernel(
-    X, DY,        # input and upstream gradient, (B, C, HW) through their strides
-    MEAN, RSTD,   # fp32 (B*G,) from the forward
-    W, BETA, SCALE, SHIFT,   # as in the forward (needed to recompute v for SiLU's derivative)
-    PS1, PS2,     # fp32 (B, C, NS) partial Σ dv and Σ dv·x̂ per spatial chunk
-    sxb, sxc, sxs, sdb, sdc, sds,
-    ssb, ssc, shb, shc,
-    C, HW, G, CPG, NS, ITERS,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
-    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = ch < C
-    mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
-    rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
-    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
-                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
-
-    chl = ch.to(tl.int64)[:, None]
-    xb = X + b.to(tl.int64) * sxb + chl * sxc
-    db = DY + b.to(tl.int64) * sdb + chl * sdc
-    acc1 = tl.zeros([BLOCK_C], tl.float32)
-    acc2 = tl.zeros([BLOCK_C], tl.float32)
-    for it in range(0, ITERS):
-        offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+        # dx = r·(dv·(1+scale)·w − c1 − x̂·c2) for the tile.
+        offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         offs_s = _wide(offs_s, WIDE)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
-        x = _shifted(tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
-                     HAS_ADD)
-        dy = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
+        chl = ch.to(tl.int64)[:, None]
+        bl = b.to(tl.int64)
+        x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
+                             other=0.0), add, mask, HAS_ADD)
+        dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
+                     other=0.0).to(tl.float32)
         xhat = (x - mean[:, None]) * rstd[:, None]
         dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
-        acc1 += tl.sum(dv, axis=1)
-        acc2 += tl.sum(dv * xhat, axis=1)
-    out = (b * C + ch).to(tl.int64) * NS + pid_s
-    tl.store(PS1 + out, acc1, mask=mask_c)
-    tl.store(PS2 + out, acc2, mask=mask_c)
+        dx = rstd[:, None] * (dv * (s1 * w)[:, None] - c1[:, None] - xhat * c2[:, None])
+        tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
+                 mask=mask)
 
 
-@triton.jit
-def _gn_bwd_group_kernel(
-    PS1, PS2,     # fp32 (B, C, NS) partials from _gn_bwd_reduce_kernel
-    W, BETA, SCALE, SHIFT,   # as in the forward
-    PW, PB,       # fp32 (B, C) per-sample terms of dw, dβ (launcher sums over B)
-    DSCALE, DSHIFT,  # fp32 (B, C) gradients of the modulation
-    C1, C2,       # fp32 (B*G,) the group means Σ_c w(1+scale)·S1 / N and ·S2 / N
-    ssb, ssc, shb, shc,
-    C, HW, G, CPG, NS,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """One program per (sample, group): sum its channels' partials into S1, S2, write the
-    per-(b, c) parameter-gradient terms and the two group means the dx kernel needs."""
-    pid_bg = tl.program_id(0)
-    b = pid_bg // G
-    g = pid_bg % G
-    offs_p = tl.arange(0, BLOCK_P)
-    c1v = tl.zeros([BLOCK_C], tl.float32)
-    c2v = tl.zeros([BLOCK_C], tl.float32)
-    for c0 in range(0, CPG, BLOCK_C):
-        oc = c0 + tl.arange(0, BLOCK_C)
-        mc = oc < CPG
-        ch = g * CPG + oc
+    @triton.jit
+    def _gn_bwd_single_kernel(
+        X, DY, DX, MEAN, RSTD, W, BETA, SCALE, SHIFT,   # as in _gn_bwd_dx_kernel
+        PW, PB, DSCALE, DSHIFT,
+        sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
+        ssb, ssc, shb, shc,
+        C, HW, G, CPG,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+        ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
+        WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """The backward of _gn_fwd_single_kernel: one program per (sample, group) reads x and dy
+        once, reduces S1, S2 in registers and writes dx and the parameter-gradient terms."""
+        pid_bg = tl.program_id(0)
+        b = pid_bg // G
+        g = pid_bg % G
+        mean = tl.load(MEAN + pid_bg)
+        rstd = tl.load(RSTD + pid_bg)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_s = _wide(offs_s, WIDE)
+        mask_c = offs_c < CPG
+        mask = mask_c[:, None] & (offs_s < HW)[None, :]
+        ch = g * CPG + offs_c
+        chl = ch.to(tl.int64)[:, None]
+        bl = b.to(tl.int64)
+        w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
+                                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+        x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
+                    other=0.0), add, mask, HAS_ADD)
+        dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
+                     other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
+        S1 = tl.sum(dv, axis=1)
+        S2 = tl.sum(dv * xhat, axis=1)
+        k = w * s1
+        n = CPG * HW * 1.0
+        c1 = tl.sum(k * S1, axis=0) / n
+        c2 = tl.sum(k * S2, axis=0) / n
+        dx = rstd * (dv * k[:, None] - c1 - xhat * c2)
+        tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
+                 mask=mask)
         pc = (b * C + ch).to(tl.int64)
-        pm = mc[:, None] & (offs_p < NS)[None, :]
-        S1 = tl.sum(tl.load(PS1 + pc[:, None] * NS + offs_p[None, :], mask=pm, other=0.0), axis=1)
-        S2 = tl.sum(tl.load(PS2 + pc[:, None] * NS + offs_p[None, :], mask=pm, other=0.0), axis=1)
-        w, beta, s1, _ = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mc, ssb, ssc, shb, shc,
-                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-        c1v += w * s1 * S1
-        c2v += w * s1 * S2
-        tl.store(PW + pc, s1 * S2, mask=mc)
-        tl.store(PB + pc, s1 * S1, mask=mc)
-        tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mc)
-        tl.store(DSHIFT + pc, S1, mask=mc)
-    # Not (CPG * HW).to(...): Triton turns integer arguments equal to 1 into compile-time
-    # constants (a 1×1 group, or HW = 1), and a constant has no .to().
-    n = CPG * HW * 1.0
-    tl.store(C1 + pid_bg, tl.sum(c1v, axis=0) / n)
-    tl.store(C2 + pid_bg, tl.sum(c2v, axis=0) / n)
-
-
-@triton.jit
-def _gn_bwd_dx_kernel(
-    X, DY, DX,    # (B, C, HW) through their own strides; DX in x's dtype
-    MEAN, RSTD, C1, C2,   # fp32 (B*G,): forward statistics, _gn_bwd_group_kernel's means
-    W, BETA, SCALE, SHIFT,
-    sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
-    ssb, ssc, shb, shc,
-    C, HW, G, CPG,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
-    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = ch < C
-    mean = _group_of(MEAN, b, ch, mask_c, G, CPG)
-    rstd = _group_of(RSTD, b, ch, mask_c, G, CPG)
-    c1 = _group_of(C1, b, ch, mask_c, G, CPG)
-    c2 = _group_of(C2, b, ch, mask_c, G, CPG)
-    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
-                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
-
-    # dx = r·(dv·(1+scale)·w − c1 − x̂·c2) for the tile.
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_s = _wide(offs_s, WIDE)
-    mask = mask_c[:, None] & (offs_s < HW)[None, :]
-    chl = ch.to(tl.int64)[:, None]
-    bl = b.to(tl.int64)
-    x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
-                         other=0.0), add, mask, HAS_ADD)
-    dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
-                 other=0.0).to(tl.float32)
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
-    dx = rstd[:, None] * (dv * (s1 * w)[:, None] - c1[:, None] - xhat * c2[:, None])
-    tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
-             mask=mask)
-
-
-@triton.jit
-def _gn_bwd_single_kernel(
-    X, DY, DX, MEAN, RSTD, W, BETA, SCALE, SHIFT,   # as in _gn_bwd_dx_kernel
-    PW, PB, DSCALE, DSHIFT,
-    sxb, sxc, sxs, sdb, sdc, sds, sob, soc, sos,
-    ssb, ssc, shb, shc,
-    C, HW, G, CPG,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
-    WIDE: tl.constexpr,   # 64-bit spatial offsets (position × stride can pass 2³¹)
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """The backward of _gn_fwd_single_kernel: one program per (sample, group) reads x and dy
-    once, reduces S1, S2 in registers and writes dx and the parameter-gradient terms."""
-    pid_bg = tl.program_id(0)
-    b = pid_bg // G
-    g = pid_bg % G
-    mean = tl.load(MEAN + pid_bg)
-    rstd = tl.load(RSTD + pid_bg)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_s = _wide(offs_s, WIDE)
-    mask_c = offs_c < CPG
-    mask = mask_c[:, None] & (offs_s < HW)[None, :]
-    ch = g * CPG + offs_c
-    chl = ch.to(tl.int64)[:, None]
-    bl = b.to(tl.int64)
-    w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
-                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
-    x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
-                other=0.0), add, mask, HAS_ADD)
-    dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
-                 other=0.0).to(tl.float32)
-    xhat = (x - mean) * rstd
-    dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
-    S1 = tl.sum(dv, axis=1)
-    S2 = tl.sum(dv * xhat, axis=1)
-    k = w * s1
-    n = CPG * HW * 1.0
-    c1 = tl.sum(k * S1, axis=0) / n
-    c2 = tl.sum(k * S2, axis=0) / n
-    dx = rstd * (dv * k[:, None] - c1 - xhat * c2)
-    tl.store(DX + bl * sob + chl * soc + offs_s[None, :] * sos, dx.to(DX.dtype.element_ty),
-             mask=mask)
-    pc = (b * C + ch).to(tl.int64)
-    tl.store(PW + pc, s1 * S2, mask=mask_c)
-    tl.store(PB + pc, s1 * S1, mask=mask_c)
-    tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mask_c)
-    tl.store(DSHIFT + pc, S1, mask=mask_c)
+        tl.store(PW + pc, s1 * S2, mask=mask_c)
+        tl.store(PB + pc, s1 * S1, mask=mask_c)
+        tl.store(DSCALE + pc, w * S2 + beta * S1, mask=mask_c)
+        tl.store(DSHIFT + pc, S1, mask=mask_c)
 
 
 # ----------------------------------------------------------------------------- 3. launchers
@@ -807,7 +813,7 @@ _group_norm_fwd_op.register_autograd(_gn_backward_rule, setup_context=_gn_setup_
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernel handles this input (dtype); `ops` falls back to eager, saying so."""
-    return x.dtype in _DTYPES and x.dim() >= 2
+    return triton is not None and x.dtype in _DTYPES and x.dim() >= 2
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, scale=None,

@@ -41,13 +41,18 @@ def get_backend() -> str:
     return name
 
 
-def _triton_usable(x: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+@functools.lru_cache(maxsize=None)
+def _have_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
+
+
+def _triton_usable(x: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    return _have_triton() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _say_once(key: str, message: str) -> None:
@@ -77,8 +82,9 @@ def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
         return (x.is_cuda and dtype in measured_wins().get(op, ())
                 and _triton_usable(x))
     if not _triton_usable(x):
-        _say_once("triton-fallback", f"LDM_KERNELS=triton but Triton cannot run on {x.device} "
-                  "tensors (no CUDA, TRITON_INTERPRET unset); using eager ops")
+        why = ("Triton is not installed (pip install 'ldm_fast[gpu]')" if not _have_triton()
+               else f"Triton cannot run on {x.device} tensors (no CUDA, TRITON_INTERPRET unset)")
+        _say_once("triton-fallback", f"LDM_KERNELS=triton but {why}; using eager ops")
         return False
     return True
 

@@ -279,3 +279,33 @@ def test_sd_shapes_gpu(shape, dtype):
     decoder shape (several tiles per statistics program), compiled, both memory formats."""
     _compare(shape, 32, dtype, "gn_scaleshift_silu")
     _compare(shape, 32, dtype, "gn_silu", channels_last=True)
+
+
+def test_eager_use_never_imports_triton():
+    """Without Triton installed, the eager path of every op works and nothing imports it; a
+    requested kernel falls back with one line that names the reason."""
+    import subprocess
+    import sys
+    code = """
+import importlib.abc, sys, warnings
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'triton':
+            raise ImportError('no triton here')
+sys.meta_path.insert(0, NoTriton())
+import torch
+from ldm_fast import ops
+x = torch.randn(2, 8, 4, 4)
+ops.group_norm(x, 4, None, None, act=True)
+ops.attention(*torch.randn(3, 1, 2, 4, 8).unbind(0))
+ops.ddim_step(x, x, 0.5, 0.7)
+ops.set_backend('triton')
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    ops.group_norm(x, 4, None, None)
+assert any('not installed' in str(m.message) for m in w), [str(m.message) for m in w]
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
