@@ -176,6 +176,28 @@ def task_dataset(cfg: Config, dataset: Dataset, seed: int | None = None) -> Data
     return dataset.with_transform(pairs.add_to) if isinstance(dataset, ShardStream) else pairs
 
 
+def heldout_inputs(cfg: Config, names, n: int) -> dict:
+    """Pipeline inputs (keywords in `names`, e.g. Pipeline.inputs) taken from the first n
+    held-out items, cycled when the held-out set is smaller than n: the grid training ends
+    with, and what `sample` uses when no inputs are given."""
+    from ldm_fast.data.build import build_datasets
+
+    _, heldout = build_datasets(cfg.data, task_fields(cfg))
+    paired = task_dataset(cfg, heldout)
+    items = [paired[i % len(heldout)] for i in range(n)]
+    take = {
+        "class_labels": lambda: torch.stack([it["label"] for it in items]),
+        "prompt": lambda: [it["caption"] for it in items],
+        "boxes": lambda: [[(*b.tolist(), int(c)) for b, c in zip(it["boxes"], it["box_labels"]) if c >= 0]
+                          for it in items],
+        "semantic": lambda: torch.stack([it["segmentation"] for it in items]),
+        "lr": lambda: torch.stack([it["lr"] for it in items]),
+        "image": lambda: torch.stack([it["image"] for it in items]),
+        "mask": lambda: torch.stack([it["mask"] for it in items]),
+    }
+    return {name: take[name]() for name in names}
+
+
 def dataset_captions(dataset: Dataset, limit: int = 2000) -> list[str]:
     """Captions of the first `limit` items (enough to cover the procedural vocabulary)."""
     from ldm_fast.data.degradations import SuperResolutionPairs
@@ -265,8 +287,9 @@ class _TextPart:
         prompts = inputs["prompts"]
         return {"context": self.encoder([prompts] if isinstance(prompts, str) else list(prompts))}
 
-    def null(self, batch_size):
-        return {"context": self.encoder([""] * batch_size)}
+    def null(self, batch_size, negative=None):
+        """The null condition: the empty prompt, or the user's negative prompts."""
+        return {"context": self.encoder(list(negative) if negative is not None else [""] * batch_size)}
 
 
 class _LayoutPart:
@@ -340,6 +363,10 @@ class _InpaintPart:
         image, mask = InpaintingConcat.check(inputs["image"], inputs["mask"])
         return {"concat": self.concat(apply_mask(image, mask), mask)}
 
+    def finish(self, images, inputs):
+        n = len(images)
+        return paste_known(images, inputs["image"].expand(n, -1, -1, -1), inputs["mask"].expand(n, -1, -1, -1))
+
 
 def check_inputs(task: str, mode: str, needed, given: dict) -> None:
     """A clear error when sampling inputs are missing or do not belong to the task."""
@@ -349,6 +376,11 @@ def check_inputs(task: str, mode: str, needed, given: dict) -> None:
         raise ValueError(f"task {task!r} ({mode or 'unconditional'}) takes the inputs "
                          f"{list(needed) or 'none'}" + (f"; missing {missing}" if missing else "")
                          + (f"; unexpected {extra}" if extra else ""))
+
+
+def check_negative(task: str, inputs, negative_prompts) -> None:
+    if negative_prompts is not None and "prompts" not in inputs:
+        raise ValueError(f"task {task!r} takes no prompt, so a negative prompt cannot apply")
 
 
 def repeat_to_batch(outs: list[dict], n: int | None) -> tuple[list[dict], int]:
@@ -390,12 +422,15 @@ class Conditioner:
         return cond
 
     def encode_inputs(self, *, classes=None, prompts=None, boxes=None, semantic=None, lr=None,
-                      image=None, mask=None, n: int | None = None) -> tuple[dict, dict | None]:
+                      image=None, mask=None, negative_prompts=None,
+                      n: int | None = None) -> tuple[dict, dict | None]:
         """cond and uncond (None when the task has no null condition) for user inputs; a single
-        input (batch of 1) is repeated to `n` when n is given."""
+        input (batch of 1) is repeated to `n` when n is given. negative_prompts (one per image)
+        replace the empty prompt in uncond."""
         given = {"classes": classes, "prompts": prompts, "boxes": boxes, "semantic": semantic,
                  "lr": lr, "image": image, "mask": mask}
         check_inputs(self.task, self.mode, self.inputs, given)
+        check_negative(self.task, self.inputs, negative_prompts)
         if not self.parts:
             return {}, None
         was_training = self.module.training if self.module is not None else False
@@ -410,7 +445,12 @@ class Conditioner:
                     # concatenated inputs are the same in both halves.
                     uncond = {}
                     for part, out in zip(self.parts, outs):
-                        uncond.update(part.null(target) if part.guided else out)
+                        if not part.guided:
+                            uncond.update(out)
+                        elif negative_prompts is not None and "prompts" in part.inputs:
+                            uncond.update(part.null(target, negative_prompts))
+                        else:
+                            uncond.update(part.null(target))
         finally:
             if was_training:
                 self.train()
@@ -433,6 +473,14 @@ class Conditioner:
     def latent_size(cond: dict | None) -> tuple[int, int] | None:
         """Concat tasks fix the latent grid (and so the output size) by their inputs."""
         return tuple(cond["concat"].shape[-2:]) if cond and "concat" in cond else None
+
+    def finish(self, images: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """Decoded samples → the task's output (inpainting keeps the known pixels)."""
+        for part in self.parts:
+            finish = getattr(part, "finish", None)
+            if finish is not None:
+                images = finish(images, inputs)
+        return images
 
     def state_dict(self) -> dict:
         return dict(self.module.state_dict()) if self.module is not None else {}
