@@ -684,30 +684,18 @@ class SRImageGuidance:
         return eps if param == "eps" else sa * eps - s1a * x0
 
 
-def _slice(value, start: int, stop: int):
-    if isinstance(value, tuple):  # (boxes, labels)
-        return tuple(v[start:stop] for v in value)
-    return value[start:stop]
-
-
 def _sample(model, conditioner: Conditioner, inputs: dict, n: int, guidance: float, sampler: str,
-            steps: int, seed: int, batch_size: int, image_guidance: float = 0.0) -> torch.Tensor:
-    """n samples in batches; `image_guidance` > 0 (SR) wraps the model in SRImageGuidance
-    toward each batch's own low-resolution inputs."""
-    from ldm_fast.generate import generate
+            steps: int, seed: int, batch_size: int, image_guidance: float = 0.0, kernels=None) -> torch.Tensor:
+    """n samples through the Pipeline, in batches; `inputs` keyed as encode_inputs takes them;
+    `image_guidance` > 0 (SR) adds image guidance toward each image's own low-res input."""
+    from ldm_fast.pipeline import TASK_INPUTS, Pipeline
 
-    out = []
-    for start in range(0, n, batch_size):
-        m = min(batch_size, n - start)
-        part = {k: _slice(v, start, start + m) for k, v in inputs.items()}
-        cond, uncond = conditioner.encode_inputs(**part) if inputs else (None, None)
-        use_guidance = uncond is not None and guidance != 1.0
-        sampling_model = SRImageGuidance(model, part["lr"], image_guidance) if image_guidance > 0 else model
-        out.append(generate(sampling_model, m, sampler=sampler, steps=steps, seed=seed + start, cond=cond,
-                            uncond=uncond if use_guidance else None,
-                            guidance=guidance if use_guidance else 1.0,
-                            latent_size=conditioner.latent_size(cond)).cpu())
-    return torch.cat(out)
+    by_pipeline_name = {v: k for k, v in TASK_INPUTS.items()}
+    pipe = Pipeline.from_model(model, conditioner, kernels=kernels)
+    out = pipe(**{by_pipeline_name[k]: v for k, v in inputs.items()}, n=n, guidance=guidance,
+               sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, sr_guidance=image_guidance,
+               progress=False)
+    return out.images
 
 
 # ----------------------------------------------------------------------------- task metrics
@@ -884,7 +872,7 @@ def _metric_inpaint(ctx) -> dict:
     h, w = images.shape[-2:]
     rng = np.random.default_rng(ctx.seed)
     masks = torch.stack([fraction_mask(h, w, (0.4, 0.5), generator=rng) for _ in range(len(images))])
-    out = paste_known(ctx.sample({"image": images, "mask": masks}, 1.0), images, masks)
+    out = ctx.sample({"image": images, "mask": masks}, 1.0)  # the known pixels pasted back
     # Baseline: the masked region filled with the mean colour of each image's known pixels.
     known = (images * (1 - masks)).sum((2, 3), keepdim=True) / (1 - masks).sum((2, 3), keepdim=True).clamp_min(1)
     mean_fill = images * (1 - masks) + known * masks
@@ -911,7 +899,8 @@ TASK_METRICS = {
 
 class _EvalContext:
     def __init__(self, model, conditioner, batch, n, guidance, sampler, steps, seed, batch_size, net, photos,
-                 sr_guidance=0.0):
+                 sr_guidance=0.0, kernels=None):
+        self.kernels = kernels
         self.model, self.conditioner, self.batch, self.n = model, conditioner, batch, n
         self.guidance, self.sampler, self.steps, self.seed = guidance, sampler, steps, seed
         self.batch_size, self.net, self.photos, self.sr_guidance = batch_size, net, photos, sr_guidance
@@ -928,18 +917,19 @@ class _EvalContext:
             captions = list(self.batch["caption"])
             inputs = {**inputs, "prompts": (captions * (n or self.n))[:n or self.n]}
         return _sample(self.model, self.conditioner, inputs, n or self.n, guidance, self.sampler,
-                       self.steps, self.seed, self.batch_size, image_guidance)
+                       self.steps, self.seed, self.batch_size, image_guidance, self.kernels)
 
 
 def evaluate_task(model, conditioner: Conditioner, heldout: Dataset, n: int = 64, *, guidance: float = 3.0,
                   sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 64,
-                  net=None, photos: bool = False, sr_guidance: float = 0.0) -> dict:
+                  net=None, photos: bool = False, sr_guidance: float = 0.0, kernels: str | None = None) -> dict:
     """The task's metric on the first n held-out items (inputs taken from them; heldout must be
     the plain dataset — SR and inpainting degrade/mask it here, reproducibly from `seed`).
     `net`: the ShapesNet (default: `load_shapes_net` at the held-out resolution, trained and
     cached on first use). Class / text / layout report unguided and guided (scale `guidance`)
     figures; `photos` adds SR figures on scikit-image's photographs; `sr_guidance` > 0 adds SR
-    figures with post-hoc image guidance (SRImageGuidance) at that scale."""
+    figures with post-hoc image guidance (SRImageGuidance) at that scale; `kernels` the ops
+    backend of the sampling (default: the process-wide selection)."""
     from ldm_fast.metrics import load_shapes_net
 
     task = conditioner.task
@@ -951,7 +941,7 @@ def evaluate_task(model, conditioner: Conditioner, heldout: Dataset, n: int = 64
     conditioner.eval()
     try:
         ctx = _EvalContext(model, conditioner, batch, len(batch["image"]), guidance, sampler, steps, seed,
-                           batch_size, net, photos, sr_guidance)
+                           batch_size, net, photos, sr_guidance, kernels)
         res = TASK_METRICS[task](ctx)
     finally:
         model.train(was_training)

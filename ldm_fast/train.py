@@ -130,13 +130,22 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
     if "ldm" in stages and ctx.is_main:
-        from ldm_fast.sample import main as sample_main
-
-        # The sample grid of a finished run: the EMA weights, loaded the way sampling sees them,
-        # conditioned on held-out inputs for conditional tasks.
-        sample_main(["--ckpt", str(run.path), "--n", "16", "--seed", str(cfg.seed), "--device", device,
-                     "--out", str(run.path / "samples.png")])
+        path = final_grid(run.path, device, cfg.seed, progress)
+        print(f"samples: {path}")
     return 0
+
+
+def final_grid(run_dir: Path, device, seed: int, progress: bool, n: int = 16) -> Path:
+    """The sample grid of a finished run: the EMA weights, loaded the way sampling sees them
+    (Pipeline.from_run_dir), conditioned on held-out inputs for conditional tasks."""
+    from ldm_fast.images import save_grid
+    from ldm_fast.pipeline import Pipeline
+    from ldm_fast.tasks import heldout_inputs
+
+    pipe = Pipeline.from_run_dir(run_dir, device=device)
+    inputs = heldout_inputs(pipe.cfg, pipe.inputs, n) if pipe.inputs else {}
+    out = pipe(**inputs, n=n, seed=seed, progress=progress)
+    return save_grid(out.images, Path(run_dir) / "samples.png", upscale=4 if out.images.shape[-1] <= 64 else 1)
 
 
 def _cached(cfg, first_stage, dataset, device, progress):
