@@ -178,7 +178,9 @@ def main(argv=None) -> int:
 
     from ldm_fast.run import load_config
     cfg = load_config(run_dir)
-    if cfg.conditioning.task != "unconditional":
+    from ldm_fast.tasks import task_of
+
+    if task_of(cfg).conditional:
         raise SystemExit(f"{run_dir}: a {cfg.conditioning.task}-conditional run; this sweep draws "
                          "unconditional samples only (their distance to the held-out set would be wrong)")
     size = tp.make_size("tiny", str(run_dir))

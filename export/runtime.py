@@ -134,21 +134,19 @@ class ExportedConditioner:
 
     def __init__(self, record: dict, graph, export_dir, device):
         self.record, self.graph, self.device = record, graph, torch.device(device)
-        self.task, self.mode = record.get("task", "unconditional"), record.get("mode", "")
-        if self.task in ("semantic", "inpaint"):
+        from ldm_fast.tasks import check_task
+
+        self.task, self.mode = record["task"], record.get("mode", "")
+        task = check_task(self.task, self.mode)
+        if not task.exportable:
             raise NotImplementedError(f"task {self.task!r}: its concat conditioner is not exported; "
                                       "use --backend torch")
-        parts = []
-        if self.task == "class":
-            parts.append("class")
-        elif self.task == "layout":
-            parts.append("layout")
-        elif self.task == "sr":
-            parts.append("sr")
-        if self.task == "text" or self.mode == "hybrid":
+        parts = [task.export_part] if task.export_part else []
+        if "prompt" in task.sampling_inputs(self.mode):
             parts.append("text")
         self.parts = parts
-        needs_graph = any(p in ("text", "layout") for p in parts) or (self.task == "class" and self.mode != "adm")
+        # τθ runs as the cond_encoder graph for prompts, layouts and cross-attended class ids.
+        needs_graph = any(p in ("text", "layout") for p in parts) or ("class" in parts and self.mode != "adm")
         if needs_graph and graph is None:
             raise FileNotFoundError(f"task {self.task!r} ({self.mode}): the export has no cond_encoder graph "
                                     "(pretrained Hugging Face / CLIP text encoders are not exported; use "
@@ -264,8 +262,10 @@ def open_export(export_dir, backend: str = "onnxruntime", device=None, providers
     manifest = read_manifest(export_dir)
     cfg = validate(from_dict(manifest["config"]))
     schedule = schedule_from_record(manifest["schedule"])
-    cond_rec = manifest.get("conditioning", {"task": "unconditional"})
-    conditional = cond_rec.get("task", "unconditional") != "unconditional"
+    from ldm_fast.tasks import task_of
+
+    cond_rec = manifest.get("conditioning")
+    conditional = task_of(cfg).conditional
 
     if backend == "onnxruntime":
         device = torch.device(device or "cpu")

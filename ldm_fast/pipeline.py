@@ -171,7 +171,7 @@ class Pipeline:
         tokenizer) with the PyTorch modules. kernels: eager | triton | auto (default: the
         run's config, else $LDM_KERNELS); dtype: e.g. torch.bfloat16 (default fp32)."""
         from ldm_fast.run import load_model
-        from ldm_fast.tasks import load_conditioner
+        from ldm_fast.tasks import load_conditioner, task_of
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, cond_state = load_model(path, device)
@@ -179,7 +179,7 @@ class Pipeline:
             model = model.to(dtype)
         cfg = model.cfg
         conditioner = None
-        if cfg.conditioning.task != "unconditional":
+        if task_of(cfg).conditional:
             conditioner = load_conditioner(path, model, cond_state, device=device)
         if kernels is None and cfg.kernels != "auto":
             kernels = cfg.kernels
@@ -257,9 +257,8 @@ class Pipeline:
         if steps < 1:
             raise ValueError(f"steps: must be positive, got {steps}")
         if guidance != 1.0 and not self.supports_guidance:
-            task = self.conditioner.task if self.conditioner is not None else "unconditional"
-            raise ValueError(f"guidance {guidance}: task {task!r} has no null condition, so classifier-free "
-                             "guidance cannot apply; use guidance 1")
+            raise ValueError(f"guidance {guidance}: task {self.cfg.conditioning.task!r} has no null condition, "
+                             "so classifier-free guidance cannot apply; use guidance 1")
         return sampler, steps, eta, float(guidance)
 
     def _latent_size(self, height, width) -> tuple[int, int]:

@@ -19,7 +19,8 @@ from ldm_fast.checkpoint import list_checkpoints
 from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
 from ldm_fast.data.build import build_datasets
 from ldm_fast.run import RunDir, load_config, load_first_stage
-from ldm_fast.tasks import TASK_PRESETS, TASKS, build_conditioner, dataset_captions, task_dataset, task_fields
+from ldm_fast.tasks import (TASK_PRESETS, TASKS, build_conditioner, dataset_captions, preset_for, task_dataset,
+                            task_fields, task_of)
 
 
 def parse_args(argv=None):
@@ -71,8 +72,8 @@ def build_config(args):
 
 
 def _preset(name: str, task: str | None):
-    if task and name == "tiny":
-        name = f"tiny-{task}" if task != "unconditional" else "tiny"
+    if task:
+        name = preset_for(task, name)
     if name in TASK_PRESETS:
         return validate(TASK_PRESETS[name]())
     return get_preset(name)
@@ -120,7 +121,7 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
         if "ldm" in stages:
             ldm_set = task_dataset(cfg, train_set)
             conditioner = None
-            if cfg.conditioning.task != "unconditional":
+            if task_of(cfg).conditional:
                 conditioner = build_conditioner(cfg, first_stage, dataset_captions(ldm_set),
                                                 run_dir=run.path, device=device)
             if cfg.train_ldm.cached_latents:
