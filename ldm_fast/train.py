@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_fast import distributed, ops
+from ldm_fast import cli, distributed, ops
 from ldm_fast.checkpoint import list_checkpoints
 from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
 from ldm_fast.data.build import build_datasets
@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--kernels", choices=ops.BACKENDS, help="eager | triton | auto (default: config / $LDM_KERNELS)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs still go to metrics.jsonl)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or, in a log file, progress lines); metrics still go to metrics.jsonl")
     return p.parse_args(argv)
 
 
@@ -80,13 +81,13 @@ def _preset(name: str, task: str | None):
 
 
 def main(argv=None) -> int:
+    return cli.guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = build_config(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = build_config(args)
     run = RunDir(args.out or Path("runs") / cfg.name)
     stages = ("autoencoder", "ldm") if args.stage == "all" else (args.stage,)
     if not args.resume and any(list_checkpoints(run.stage_dir(s)) for s in stages):

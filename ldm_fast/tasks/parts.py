@@ -144,6 +144,18 @@ class _SRPart:
         return {"concat": sr_concat(inputs["lr"], self.sr_factor, self.factor).to(self.device)}
 
 
+@torch.no_grad()
+def calibrate_over_ranks(concat: InpaintingConcat, images: torch.Tensor) -> float:
+    """The inpainting latent scale 1/std of the encoded images, the std taken over the global
+    batch (ldm_fast.distributed.global_std) as the diffusion latents' scale is, so every rank
+    conditions on the same scale."""
+    from ldm_fast import distributed
+
+    z = concat.first_stage.encode_latent(images.to(concat.latent_scale.device), sample=False)
+    concat.latent_scale.fill_(1.0 / max(distributed.global_std(z), 1e-8))
+    return float(concat.latent_scale)
+
+
 class _InpaintPart:
     guided, inputs, name = False, ("image", "mask"), "inpaint"
 
@@ -155,7 +167,7 @@ class _InpaintPart:
         if torch.isnan(self.concat.latent_scale):
             # First training batch, like the diffusion latents' scale (on the masked images
             # when a latent-cache batch carries no full images).
-            self.concat.calibrate(batch.get("image", masked))
+            calibrate_over_ranks(self.concat, batch.get("image", masked))
         return {"concat": self.concat(masked, _need(batch, "mask", task))}
 
     def from_inputs(self, inputs):
