@@ -129,26 +129,21 @@ def time_interleaved(entries: dict, device, warmup: int, steps: int) -> dict:
     {first_step_s, step_s: summarize()}; failures → {error}."""
     out, live = {}, {}
     for name, (kernels, fn) in entries.items():
-        ops.set_backend(kernels)
         try:
-            first, _ = bl.time_once(fn, device)
-            for _ in range(max(0, warmup - 1)):
-                fn()
-            bl.synchronize(device)
+            with ops.backend(kernels):
+                first, _ = bl.time_once(fn, device)
+                for _ in range(max(0, warmup - 1)):
+                    fn()
+                bl.synchronize(device)
             out[name] = {"first_step_s": first, "samples": []}
             live[name] = (kernels, fn)
         except Exception as e:  # noqa: BLE001 - report, keep measuring the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             bl.log(f"{name}: FAILED {out[name]['error']}")
-        finally:
-            ops.set_backend(None)
     for _ in range(steps):
         for name, (kernels, fn) in live.items():
-            ops.set_backend(kernels)
-            try:
+            with ops.backend(kernels):
                 dt, _ = bl.time_once(fn, device)
-            finally:
-                ops.set_backend(None)
             out[name]["samples"].append(dt)
     for name in live:
         out[name]["step_s"] = bl.summarize(out[name].pop("samples"))
