@@ -339,12 +339,9 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
     if backend == "onnxruntime":
         key = ("ort", precision)
         if key not in cache:
-            def graph(name):
-                rec = graphs[name]
-                return R.OrtGraph(folder / rec["file"], E.GraphSpec.from_json(rec["spec"]), providers,
-                                  torch.get_num_threads() if not cuda else None)
+            make = R.ort_graph_maker(folder, providers, torch.get_num_threads() if not cuda else None)
             try:
-                cache[key] = (R.Denoiser(graph("unet")), R.Decoder(graph("decoder")))
+                cache[key] = R.graph_parts(make, graphs)  # the deployment's factory
             except Exception as e:  # noqa: BLE001 - e.g. a provider that fails to start
                 raise Skip(f"onnxruntime session failed: {type(e).__name__}: {e}") from None
         unet, decode = cache[key]
@@ -353,7 +350,6 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
         return Runner(backend, dtype, "eager", unet, _as_dtype(decode, dtype), notes)
     # TensorRT: one engine per graph with a static profile at this batch (the fastest case).
     from ldm_fast.export import tensorrt_build as T
-    from ldm_fast.export.trt_runtime import TrtGraph
 
     key = ("trt", precision, batch)
     if key not in cache:
@@ -369,10 +365,10 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
                 if not engine.is_file():
                     T.build_engine(folder / graphs[name]["file"], engine, spec, profile,
                                    timing_cache=folder / "engines" / "timing.cache")
-                engines[name] = R.TorchCastGraph(TrtGraph(engine))
+                engines[name] = R.trt_graph(engine)
             except Exception as e:  # noqa: BLE001 - a build failure is this backend's, not the run's
                 raise Skip(f"TensorRT engine for {name} failed: {type(e).__name__}: {e}") from None
-        cache[key] = (R.Denoiser(engines["unet"]), R.Decoder(engines["decoder"]))
+        cache[key] = R.graph_parts(lambda name, rec: engines[name], graphs)
     unet, decode = cache[key]
     notes.append("strongly typed engines, static profile per batch, CUDA graphs in the runtime")
     return Runner(backend, dtype, "eager", unet, _as_dtype(decode, dtype), notes)

@@ -42,7 +42,6 @@ data (`<name>.onnx.data` next to the graph).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json

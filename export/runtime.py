@@ -250,6 +250,29 @@ def _cond_graph(manifest, make):
     return make("cond_encoder", rec) if rec else None
 
 
+def ort_graph_maker(export_dir, providers=None, threads: int | None = None):
+    """(name, graph record) → OrtGraph for the .onnx files of an export folder (records as in
+    manifest.json's "graphs" or onnx_export.export_all's return)."""
+    export_dir = Path(export_dir)
+
+    def make(name, rec):
+        return OrtGraph(export_dir / rec["file"], GraphSpec.from_json(rec["spec"]), providers, threads)
+    return make
+
+
+def trt_graph(engine_path, cuda_graphs: bool = True) -> TorchCastGraph:
+    """A TensorRT engine (checked against its sidecar first) as a graph runner."""
+    from ldm_fast.export.trt_runtime import TrtGraph
+
+    return TorchCastGraph(TrtGraph(engine_path, cuda_graphs=cuda_graphs))
+
+
+def graph_parts(make, graphs: dict) -> tuple[Denoiser, Decoder]:
+    """The samplers' denoiser and the decoder over the "unet" and "decoder" graphs; the one
+    factory the deployment (open_export) and the throughput benchmark both build backends with."""
+    return Denoiser(make("unet", graphs["unet"])), Decoder(make("decoder", graphs["decoder"]))
+
+
 def open_export(export_dir, backend: str = "onnxruntime", device=None, providers=None,
                 threads: int | None = None, cuda_graphs: bool = True) -> ExportParts:
     """The graphs of an export folder on a graph backend. onnxruntime: the .onnx graphs (CPU
@@ -269,12 +292,8 @@ def open_export(export_dir, backend: str = "onnxruntime", device=None, providers
 
     if backend == "onnxruntime":
         device = torch.device(device or "cpu")
-
-        def make(name, rec):
-            return OrtGraph(export_dir / rec["file"], GraphSpec.from_json(rec["spec"]), providers, threads)
+        make = ort_graph_maker(export_dir, providers, threads)
     else:
-        from ldm_fast.export.trt_runtime import TrtGraph
-
         device = torch.device(device or "cuda")
         engines = manifest.get("engines") or {}
         if "unet" not in engines or "decoder" not in engines:
@@ -284,11 +303,10 @@ def open_export(export_dir, backend: str = "onnxruntime", device=None, providers
         def make(name, rec):
             if name not in engines:
                 raise FileNotFoundError(f"{export_dir}: no TensorRT engine for {name}")
-            return TorchCastGraph(TrtGraph(export_dir / engines[name], cuda_graphs=cuda_graphs))
+            return trt_graph(export_dir / engines[name], cuda_graphs)
 
     graphs = manifest["graphs"]
-    denoiser = Denoiser(make("unet", graphs["unet"]))
-    decoder = Decoder(make("decoder", graphs["decoder"]))
+    denoiser, decoder = graph_parts(make, graphs)
     conditioner = None
     if conditional:
         conditioner = ExportedConditioner(cond_rec, _cond_graph(manifest, make), export_dir, device)
