@@ -21,8 +21,13 @@ def write_report(payload: dict, out: Path, markdown: str, plot=None, extra: str 
     write_json(payload, out)
     written = [out]
     if plot is not None:
-        plot(payload, out.with_suffix(".png"))
-        written.append(out.with_suffix(".png"))
+        try:
+            plot(payload, out.with_suffix(".png"))
+            written.append(out.with_suffix(".png"))
+        except ModuleNotFoundError as exc:
+            if exc.name != "matplotlib":
+                raise
+            log("no plot: matplotlib is not installed (pip install 'ldm_fast[bench]')")
     out.with_suffix(".md").write_text(markdown + "\n")
     written.append(out.with_suffix(".md"))
     print(markdown)
