@@ -10,7 +10,6 @@ Flags (names as in the original txt2img.py and diffusers): --prompt / --negative
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

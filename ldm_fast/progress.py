@@ -34,7 +34,8 @@ class _LogLines:
         elapsed = now - self.t_start
         rate = f", {self.n / elapsed:.2f} it/s" if elapsed > 0 and self.n else ""
         extra = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}/{self.total}{rate}{extra}", file=self.stream, flush=True)
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{of}{rate}{extra}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if not self.closed:
@@ -53,10 +54,11 @@ class _Off:
         pass
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, stream=None,
+def progress_bar(total: int | None, desc: str, enabled: bool = True, initial: int = 0, stream=None,
                  interval: float = LOG_INTERVAL_S):
     """A tqdm bar when `stream` (default stderr) is a terminal, occasional plain lines when it
-    is not, nothing when disabled. The object has update(n), set_postfix(**kw) and close()."""
+    is not, nothing when disabled. total None: unknown. The object has update(n),
+    set_postfix(**kw) and close()."""
     if not enabled:
         return _Off()
     stream = stream if stream is not None else sys.stderr
