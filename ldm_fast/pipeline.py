@@ -148,12 +148,14 @@ class Pipeline:
     the task's inputs to get images; see the module docstring."""
 
     def __init__(self, cfg, schedule, denoiser, decode, conditioner=None, *, device="cpu", dtype=None,
-                 kernels: str | None = None, backend: str = "torch", name: str = "", model=None):
+                 kernels: str | None = None, backend: str = "torch", name: str = "", model=None,
+                 decode_dtype=None):
         if kernels is not None and kernels not in ops.BACKENDS:
             raise ValueError(f"kernels: expected one of {ops.BACKENDS}, got {kernels!r}")
         self.cfg, self.schedule, self.denoiser, self.decode = cfg, schedule, denoiser, decode
         self.conditioner, self.device, self.dtype = conditioner, torch.device(device), dtype
         self.kernels, self.backend, self.name, self.model = kernels, backend, name or cfg.name, model
+        self.decode_dtype = decode_dtype  # latents are cast to it before decoding (None: as they are)
         self.defaults = sampling_defaults(cfg)
 
     # -------------------------------------------------------------- construction
@@ -169,21 +171,25 @@ class Pipeline:
     def from_run_dir(cls, path, device=None, kernels: str | None = None, dtype=None) -> "Pipeline":
         """A run directory written by `python -m ldm_fast.train` (EMA weights, conditioner,
         tokenizer) with the PyTorch modules. kernels: eager | triton | auto (default: the
-        run's config, else $LDM_KERNELS); dtype: e.g. torch.bfloat16 (default fp32)."""
+        run's config, else $LDM_KERNELS); dtype: the UNet's, e.g. torch.bfloat16 (default
+        fp32) — the first stage and τθ stay fp32 (half-precision decoding costs quality, and
+        the concat conditioners encode through the first stage)."""
         from ldm_fast.run import load_model
         from ldm_fast.tasks import load_conditioner, task_of
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, cond_state = load_model(path, device)
         if dtype is not None:
-            model = model.to(dtype)
+            model.unet.to(dtype)
         cfg = model.cfg
         conditioner = None
         if task_of(cfg).conditional:
             conditioner = load_conditioner(path, model, cond_state, device=device)
         if kernels is None and cfg.kernels != "auto":
             kernels = cfg.kernels
-        return cls.from_model(model, conditioner, kernels=kernels, dtype=dtype, name=Path(path).name)
+        pipe = cls.from_model(model, conditioner, kernels=kernels, dtype=dtype, name=Path(path).name)
+        pipe.decode_dtype = torch.float32 if dtype is not None else None
+        return pipe
 
     @classmethod
     def from_export_dir(cls, path, backend: str = "onnxruntime", device=None, *, run_dir=None, providers=None,
@@ -305,10 +311,11 @@ class Pipeline:
                                 cond=self._cast(cond), uncond=self._cast(uncond), guidance=guidance,
                                 generator=generators[0], callback=callback if use_callback else None,
                                 **sampler_options)
+            zd = z if self.decode_dtype is None else z.to(self.decode_dtype)
             if tile:
-                images = decode_tiled(self.decode, z, self.factor, tile=tile, overlap=max(1, tile // 4))
+                images = decode_tiled(self.decode, zd, self.factor, tile=tile, overlap=max(1, tile // 4))
             else:
-                images = self.decode(z)
+                images = self.decode(zd)
         return images.float().clamp(-1, 1), z
 
     @torch.no_grad()

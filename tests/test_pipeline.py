@@ -111,3 +111,13 @@ def test_import_ldm_fast_is_cheap():
     code = "import sys, ldm_fast; assert 'torch' not in sys.modules and 'triton' not in sys.modules; " \
            "assert ldm_fast.Pipeline.__name__ == 'Pipeline'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bf16_unet_with_an_fp32_first_stage_tracks_fp32():
+    kw = dict(class_labels=[1, 2], steps=2, guidance=2.0, progress=False)
+    ref = Pipeline.from_run_dir(class_run_dir(), device="cpu")(**kw).images
+    bf16 = Pipeline.from_run_dir(class_run_dir(), device="cpu", dtype=torch.bfloat16)
+    assert next(bf16.model.unet.parameters()).dtype == torch.bfloat16
+    assert next(bf16.model.first_stage.parameters()).dtype == torch.float32
+    out = bf16(**kw).images
+    assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.1
