@@ -18,7 +18,7 @@ from ldm_fast.export.tensorrt_build import (TensorRTNotInstalled, make_sidecar, 
                                             require_tensorrt, sidecar_path)
 from ldm_fast.export.trt_runtime import EngineMismatch, check_sidecar, load_engine
 
-pytest.importorskip("ldm_fast.tasks", reason="task conditioners (ldm_fast/tasks.py) not available")
+pytest.importorskip("ldm_fast.tasks", reason="task conditioners (ldm_fast/tasks/) not available")
 
 
 @functools.lru_cache(maxsize=None)
