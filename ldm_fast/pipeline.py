@@ -203,9 +203,7 @@ class Pipeline:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "torch":
-            pipe = cls.from_run_dir(recorded_run_dir(path, run_dir), device=device, kernels=kernels)
-            pipe.backend = "torch"
-            return pipe
+            return cls.from_run_dir(recorded_run_dir(path, run_dir), device=device, kernels=kernels)
         parts = open_export(path, backend, device=device, providers=providers, threads=threads,
                             cuda_graphs=cuda_graphs)
         return cls(parts.cfg, parts.schedule, parts.denoiser, parts.decoder, parts.conditioner,
@@ -408,7 +406,8 @@ class Pipeline:
                     rec["prompt"] = v[i]
                 elif k == "class_labels":
                     rec["class_label"] = int(v[i])
-                elif k == "boxes":
-                    rec["boxes"] = json.dumps(_json_value(_take(v, [i])))
+                elif k == "boxes":  # one layout: [[x0, y0, x1, y1, class], …] (or boxes, labels)
+                    rec["boxes"] = json.dumps([_json_value(t[i]) for t in v] if isinstance(v, tuple)
+                                              else _json_value(v[i]))
             out.append(rec)
         return out
