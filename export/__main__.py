@@ -121,6 +121,12 @@ def build_engines(args, model, out: Path, graphs: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from ldm_fast.cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from ldm_fast.run import load_model
 

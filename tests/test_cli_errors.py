@@ -55,3 +55,13 @@ def test_evaluate_outside_a_run_directory(tmp_path, capsys):
 
     assert main(["--ckpt", str(tmp_path)]) == 2
     assert "not a run directory" in _one_error_line(capsys)
+
+
+def test_export_from_a_corrupt_checkpoint(tmp_path, capsys):
+    from ldm_fast.export.__main__ import main
+
+    run = tmp_path / "run"
+    shutil.copytree(class_run_dir(), run)
+    (run / "autoencoder.safetensors").write_bytes(b"\0" * 64)
+    assert main(["--ckpt", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert "autoencoder.safetensors" in _one_error_line(capsys)
