@@ -22,7 +22,7 @@ def tiny_task_config(task: str, mode: str | None = None) -> Config:
     if "prompt" in t.sampling_inputs(mode):
         # Longest procedural caption: 19 words + [CLS]/[SEP] = 21 tokens.
         cc.max_length, cc.vocab_size = 24, 256
-    if not t.guided(mode):
+    if t.concat and not t.guided(mode):
         cc.label_dropout = 0.0  # nothing to drop: no guidance for concat-only tasks
     if mode in ("crossattn", "hybrid"):
         un.use_spatial_transformer, un.context_dim, un.transformer_depth = True, cc.embed_dim, 1

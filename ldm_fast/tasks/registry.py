@@ -59,8 +59,9 @@ class Task:
         return (*self.fields, "caption") if mode == "hybrid" else self.fields
 
     def guided(self, mode: str) -> bool:
-        """Whether it has a null condition (classifier-free guidance)."""
-        return not self.concat or mode == "hybrid"
+        """Whether it has a null condition (classifier-free guidance): every conditional task
+        but the concat-only ones; a hybrid mode's prompt can be dropped."""
+        return self.conditional and (not self.concat or mode == "hybrid")
 
 
 def register(task: Task) -> Task:
