@@ -232,6 +232,19 @@ class Trainer:
             phase.after_step()
         return True
 
+    def train_step(self, phases: list[Phase], step: int) -> dict:
+        """One training step (the learning rate, every phase, the loss-scale update) → its logs.
+        fit() runs these; bench/train_throughput.py times them."""
+        for phase in phases:
+            for group in phase.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+        logs = {}
+        for phase in phases:
+            if self._phase(phase, step, logs) is False:
+                break  # a skipped step: the later phases skip it too
+        self.scaler.update()
+        return logs
+
     def fit(self, phases: list[Phase], batches, state: Callable, collective_save: bool = False) -> None:
         """Steps self.start … tc.steps − 1. `state(keep) → (tensors, meta)` is the stage's part
         of a checkpoint (called on every rank when `collective_save`, only rank 0 otherwise;
@@ -239,18 +252,10 @@ class Trainer:
         tc, ctx = self.tc, self.ctx
         bar = progress_bar(tc.steps, self.stage, enabled=self.progress and ctx.is_main, initial=self.start)
         t0, images = time.perf_counter(), 0
-        optimizers = [p.optimizer for p in phases]
         try:
             with _SigtermFlag() as sigterm:
                 for step in range(self.start, tc.steps):
-                    for opt in optimizers:
-                        for group in opt.param_groups:
-                            group["lr"] = self.lr_at(step)
-                    logs = {}
-                    for phase in phases:
-                        if self._phase(phase, step, logs) is False:
-                            break  # a skipped step: the later phases skip it too
-                    self.scaler.update()
+                    logs = self.train_step(phases, step)
                     images += tc.batch_size * tc.grad_accum * ctx.world_size
                     bar.update(1)
                     if ctx.is_main and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):

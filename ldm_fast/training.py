@@ -138,6 +138,28 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
     wrapped = _wrap(model, tc, ctx, device)
     batches = iter(make_loader(train_set, tc, cfg.seed, trainer.start, cfg.data.num_workers, ctx,
                                trainer.data_state))
+    phases = autoencoder_phases(cfg, model, loss_fn, opt_g, opt_d, batches, generator, device, forward=wrapped)
+    model.train()
+    trainer.fit(phases, batches, state)
+    model.eval()
+    if ctx.is_main:
+        run.save_first_stage(model, cfg)
+        with torch.no_grad():
+            x = torch.stack([heldout[i]["image"] for i in range(min(16, len(heldout)))]).to(device)
+            recon = model(x, sample=False)[0]
+            save_grid(torch.cat([x, recon]), run.path / "reconstructions.png", nrow=len(x),
+                      upscale=4 if x.shape[-1] <= 64 else 1)
+    return model
+
+
+def autoencoder_phases(cfg: Config, model, loss_fn: AutoencoderLoss, opt_g, opt_d, batches, generator, device,
+                       forward=None) -> list[Phase]:
+    """Stage 1's step: the generator update (reconstruction + perceptual + adversarial term),
+    then the discriminator's on the same micro-batches. `forward`: the model as called (DDP-
+    wrapped or compiled; default the model)."""
+    ctx = distributed.current()
+    forward = forward or model
+    disc = loss_fn.discriminator
     logvar = getattr(model, "logvar", None)
     f, z_ch = cfg.autoencoder.factor, cfg.autoencoder.z_channels
     micro_batches = []  # (images, reconstructions) of this step, for the discriminator
@@ -151,7 +173,7 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
 
     def gen_loss(inputs, step):
         x, noise = inputs
-        recon, reg_loss, stats = wrapped(x, noise=noise)
+        recon, reg_loss, stats = forward(x, noise=noise)
         loss, logs = loss_fn.generator(x, recon.float(), reg_loss, step, model.decoder.last_layer, logvar)
         micro_batches.append((x, recon.detach()))
         return loss, {**logs, "loss": loss.detach(), **stats}
@@ -160,20 +182,10 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
         x, recon = micro_batches[micro]
         return loss_fn.discriminator_loss(x, recon.float(), step)
 
-    phases = [Phase("generator", opt_g, gen_loss, gen_params, prepare=gen_inputs, ddp=wrapped),
-              Phase("discriminator", opt_d, disc_loss, list(disc.parameters()),
-                    average_by_hand=list(disc.parameters()), clip_grads=False)]
-    model.train()
-    trainer.fit(phases, batches, state)
-    model.eval()
-    if ctx.is_main:
-        run.save_first_stage(model, cfg)
-        with torch.no_grad():
-            x = torch.stack([heldout[i]["image"] for i in range(min(16, len(heldout)))]).to(device)
-            recon = model(x, sample=False)[0]
-            save_grid(torch.cat([x, recon]), run.path / "reconstructions.png", nrow=len(x),
-                      upscale=4 if x.shape[-1] <= 64 else 1)
-    return model
+    return [Phase("generator", opt_g, gen_loss, list(model.parameters()), prepare=gen_inputs,
+                  ddp=forward if forward is not model else None),
+            Phase("discriminator", opt_d, disc_loss, list(disc.parameters()),
+                  average_by_hand=list(disc.parameters()), clip_grads=False)]
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -236,37 +248,16 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
     model.unet = _wrap(unet, tc, ctx, device)  # LatentDiffusion.forward now goes through DDP
     batches = iter(make_loader(train_set, tc, cfg.seed + 1, trainer.start, cfg.data.num_workers, ctx,
                                trainer.data_state))
-    T = model.schedule.num_timesteps
 
-    def inputs(micro, step):
-        nonlocal scale_known
-        batch = next(batches)
-        with torch.no_grad():
-            z = _latents(model, batch, generator, ctx, device)
-        if not scale_known:
-            # scale_by_std: measured once, on the first batch of stage 2 (paper App. G), over
-            # the global batch so every rank agrees.
-            value = model.set_scale_from_latents(z)
-            z = z * value
-            log.info("ldm: latent scale factor set to %.5f (1/std of the first batch)", value)
-            if ctx.is_main:
-                run.append_metrics({"stage": "ldm", "step": step, "scale_factor": value})
-            scale_known = True
-        t = distributed.randint_global(T, z.shape[0], generator, ctx, device)
-        noise = distributed.randn_global(z.shape, generator, ctx, device)
-        return batch, z, t, noise
-
-    def loss(inputs, step):
-        batch, z, t, noise = inputs
-        cond = conditioner(batch, generator) if conditioner else {}
-        value = diffusion_loss(model, z, model.schedule, cond=cond, loss_type=cfg.diffusion.loss, t=t, noise=noise)
-        return value, {"loss": value.detach()}
+    def on_scale(value, step):
+        log.info("ldm: latent scale factor set to %.5f (1/std of the first batch)", value)
+        if ctx.is_main:
+            run.append_metrics({"stage": "ldm", "step": step, "scale_factor": value})
 
     clip = (lambda max_norm: fsdp.clip_grad_norm(unet_params, cond_params, max_norm)) if sharded else None
-    # τθ is reached through the conditioner, not through DDP: its gradients are averaged by hand.
-    phase = Phase("ldm", opt, loss, params, prepare=inputs, ddp=model.unet, average_by_hand=cond_params,
-                  clip=clip, after_step=(lambda: ema.update(unet)) if ema is not None else None,
-                  log_grad_norm=True)
+    phase = ldm_phase(cfg, model, opt, params, batches, generator, device, conditioner=conditioner,
+                      cond_params=cond_params, ema=ema, ema_source=unet, clip=clip,
+                      measure_scale=None if scale_known else on_scale)
     model.train()
     try:
         trainer.fit([phase], batches, state, collective_save=sharded)
@@ -278,6 +269,44 @@ def train_ldm(cfg: Config, run: RunDir, first_stage: torch.nn.Module, train_set:
     if ctx.is_main:
         run.save_ldm(model, ema, cond_module, cfg)
     return model, ema
+
+
+def ldm_phase(cfg: Config, model: LatentDiffusion, opt, params, batches, generator, device, *, conditioner=None,
+              cond_params=(), ema: EMA | None = None, ema_source=None, clip=None, denoiser=None,
+              measure_scale=None) -> Phase:
+    """Stage 2's step: latents of a batch (encoded now, or from the cache), a timestep and
+    noise for the global batch, the ε/v loss; then the EMA update. `measure_scale(value, step)`
+    given: scale_by_std on the first batch (paper App. G), reported through it; `denoiser`:
+    the model as called in the loss (e.g. compiled; default the model)."""
+    ctx = distributed.current()
+    T = model.schedule.num_timesteps
+    pending = [measure_scale]
+
+    def inputs(micro, step):
+        batch = next(batches)
+        with torch.no_grad():
+            z = _latents(model, batch, generator, ctx, device)
+        if pending[0] is not None:
+            # Measured over the global batch, so every rank agrees.
+            value = model.set_scale_from_latents(z)
+            z = z * value
+            pending.pop()(value, step)
+            pending.append(None)
+        t = distributed.randint_global(T, z.shape[0], generator, ctx, device)
+        noise = distributed.randn_global(z.shape, generator, ctx, device)
+        return batch, z, t, noise
+
+    def loss(inputs, step):
+        batch, z, t, noise = inputs
+        cond = conditioner(batch, generator) if conditioner else {}
+        value = diffusion_loss(denoiser or model, z, model.schedule, cond=cond, loss_type=cfg.diffusion.loss,
+                               t=t, noise=noise)
+        return value, {"loss": value.detach()}
+
+    # τθ is reached through the conditioner, not through DDP: its gradients are averaged by hand.
+    return Phase("ldm", opt, loss, list(params), prepare=inputs, ddp=model.unet, average_by_hand=list(cond_params),
+                 clip=clip, after_step=(lambda: ema.update(ema_source or model.unet)) if ema is not None else None,
+                 log_grad_norm=True)
 
 
 def _unsharded(cfg: Config, first_stage, model: LatentDiffusion, ema: EMA | None, device):
