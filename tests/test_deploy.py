@@ -104,6 +104,11 @@ def test_text_conditioning_from_the_exported_encoder_and_tokenizer():
     torch.testing.assert_close(c["context"], rc["context"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(u["context"], ru["context"], atol=1e-5, rtol=1e-5)
     assert exported.inputs == ("prompts",) and exported.supports_guidance
+    negative = [CAPTIONS[2], CAPTIONS[3]]  # the null condition becomes the negative prompts
+    _, nu = exported.encode_inputs(prompts=prompts, negative_prompts=negative)
+    _, rnu = reference.encode_inputs(prompts=prompts, negative_prompts=negative)
+    torch.testing.assert_close(nu["context"], rnu["context"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(nu["context"], u["context"])
 
 
 def test_deploy_cli_writes_the_grid(tmp_path):
