@@ -42,7 +42,7 @@ import benchlib as bl  # noqa: E402
 from ldm_fast import ops  # noqa: E402
 from ldm_fast.config import Config, UNetConfig, get_preset, validate  # noqa: E402
 from ldm_fast.data.procedural import ProceduralShapes  # noqa: E402
-from ldm_fast.generate import generate  # noqa: E402
+from ldm_fast.pipeline import Pipeline  # noqa: E402
 from ldm_fast.run import RunDir, load_model  # noqa: E402
 from ldm_fast.training import save_config, train_autoencoder, train_ldm  # noqa: E402
 
@@ -79,8 +79,9 @@ def study_config(f: int, args) -> Config:
 
 @torch.no_grad()
 def draw(model, n: int, batch: int, steps: int, seed: int) -> torch.Tensor:
-    return torch.cat([generate(model, min(batch, n - i), sampler="ddim", steps=steps, seed=seed + i)
-                      for i in range(0, n, batch)])
+    """n unconditional DDIM samples through the Pipeline (image i from seed + i)."""
+    return Pipeline.from_model(model)(n=n, batch_size=batch, sampler="ddim", steps=steps, seed=seed,
+                                      progress=False).images
 
 
 def main(argv=None) -> int:
@@ -161,12 +162,12 @@ def main(argv=None) -> int:
     # Throughput after all training, repetitions interleaved over f: on a shared machine a
     # slow spell then hits every f alike instead of whichever was sampling during it.
     for model in models.values():
-        generate(model, args.sample_batch, sampler="ddim", steps=2, seed=10 ** 6)   # warm-up
+        draw(model, args.sample_batch, args.sample_batch, steps=2, seed=10 ** 6)   # warm-up
     times = {f: [] for f in models}
     for _ in range(args.time_reps):
         for f, model in models.items():
             t0 = time.perf_counter()
-            generate(model, args.sample_batch, sampler="ddim", steps=args.sample_steps, seed=1)
+            draw(model, args.sample_batch, args.sample_batch, args.sample_steps, seed=1)
             times[f].append(time.perf_counter() - t0)
     for row in rows:
         row["sample_s"] = bl.summarize(times[row["f"]])

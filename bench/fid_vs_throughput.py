@@ -94,16 +94,17 @@ def train_micro(run_dir: Path, args) -> float:
 
 def generate_sets(runners, names, size, schedule, sampler: str, steps: int, n: int, batch: int,
                   device) -> dict:
-    """n images per runner, in batches; batch i uses seed 1000 + i for every runner, so all
-    backends start from the same noise. The batches are interleaved over the runners (batch 1
+    """n images per runner, in batches through the Pipeline (tp.sample_images); image j
+    starts from the noise of seed 1000 + j for every runner, so all backends start from the
+    same noise. The batches are interleaved over the runners (batch 1
     of each, then batch 2, …) and each is timed on its own: a slow spell on a shared machine
     then hits every backend alike. Returns {name: (images, per-batch seconds, batch sizes)}."""
     out = {names[id(r)]: ([], [], []) for r in runners}
-    for i, start in enumerate(range(0, n, batch)):
+    for start in range(0, n, batch):
         b = min(batch, n - start)
         for r in runners:
             dt, images = bl.time_once(lambda: tp._call(r, lambda: tp.sample_images(
-                r, size, schedule, b, steps, sampler, device, seed=1000 + i)), device)
+                r, size, schedule, b, steps, sampler, device, seed=1000 + start)), device)
             imgs, times, sizes = out[names[id(r)]]
             imgs.append(images.float().clamp(-1, 1).cpu())
             times.append(dt)
@@ -177,7 +178,9 @@ def main(argv=None) -> int:
 
     from ldm_fast.run import load_config
     cfg = load_config(run_dir)
-    if cfg.conditioning.task != "unconditional":
+    from ldm_fast.tasks import task_of
+
+    if task_of(cfg).conditional:
         raise SystemExit(f"{run_dir}: a {cfg.conditioning.task}-conditional run; this sweep draws "
                          "unconditional samples only (their distance to the held-out set would be wrong)")
     size = tp.make_size("tiny", str(run_dir))

@@ -116,11 +116,7 @@ def test_unet_step_tiny(benchmark, kernels):
     model = model.to(DEV, DTYPE)
     x = torch.randn(8, 3, 8, 8, device=DEV, dtype=DTYPE)
     t = torch.full((8,), 500.0, device=DEV)
-    ops.set_backend(kernels)
-    try:
-        with torch.inference_mode():
-            model(x, t)   # first call (kernel compilation/autotuning) outside the timing
-            benchmark.group = "unet-step-tiny-b8"
-            benchmark.pedantic(synced(lambda: model(x, t)), rounds=10, warmup_rounds=2, iterations=1)
-    finally:
-        ops.set_backend(None)
+    with ops.backend(kernels), torch.inference_mode():
+        model(x, t)   # first call (kernel compilation/autotuning) outside the timing
+        benchmark.group = "unet-step-tiny-b8"
+        benchmark.pedantic(synced(lambda: model(x, t)), rounds=10, warmup_rounds=2, iterations=1)

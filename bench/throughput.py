@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 import benchlib as bl  # noqa: E402
 from ldm_fast import ops, samplers  # noqa: E402
+from ldm_fast.pipeline import Pipeline  # noqa: E402
 from ldm_fast.config import (Config, ConditioningConfig, DataConfig, DiffusionConfig,  # noqa: E402
                              UNetConfig, get_preset, validate)
 from ldm_fast.model import LatentDiffusion  # noqa: E402
@@ -151,9 +152,7 @@ def count_flops(size: Size, unet_batch: int) -> dict:
         t = torch.full((unet_batch,), 500.0)
         cond = {"context": torch.empty(unet_batch, *size.context)} if size.context else {}
         z = torch.empty(1, *size.latent)
-    saved = ops.get_backend()
-    ops.set_backend("eager")
-    try:
+    with ops.backend("eager"):
         with bl.FlopCounter(model.unet) as fc:
             model(x, t, cond)
         unet = dict(fc.by_kind, total=fc.total)
@@ -161,8 +160,6 @@ def count_flops(size: Size, unet_batch: int) -> dict:
         with bl.FlopCounter(model.first_stage) as fc:
             model.decode(z)
         decode = dict(fc.by_kind, total=fc.total)
-    finally:
-        ops.set_backend(saved if saved != "auto" else None)
     return {"unet_call": unet, "decode_per_image": decode}
 
 
@@ -252,9 +249,7 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
         n = batch * size.cfg_factor
         x = torch.randn(n, *size.latent, device=device, dtype=dtype)
         t = torch.full((n,), 500.0, device=device)
-        prev = ops.get_backend()
-        ops.set_backend("triton")
-        try:
+        with ops.backend("triton"):
             if size.context:
                 ctx = torch.randn(n, *size.context, device=device, dtype=dtype)
                 g_unet = _graphed(lambda x_, t_, c_: m(x_, t_, {"context": c_}), [x, t, ctx])
@@ -267,8 +262,6 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
                 def unet(x_, t_, cond):
                     return g_unet(x_, t_)
             decode = _graphed(m.decode, [torch.randn(batch, *size.latent, device=device, dtype=dtype)])
-        finally:
-            ops.set_backend(prev if prev != "auto" else None)
         return Runner(backend, dtype, "triton", unet, decode,
                       [f"UNet call and decoder captured for this batch size in "
                        f"{time.perf_counter() - t_capture:.1f} s (warm-up, autotuning and capture; "
@@ -346,12 +339,9 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
     if backend == "onnxruntime":
         key = ("ort", precision)
         if key not in cache:
-            def graph(name):
-                rec = graphs[name]
-                return R.OrtGraph(folder / rec["file"], E.GraphSpec.from_json(rec["spec"]), providers,
-                                  torch.get_num_threads() if not cuda else None)
+            make = R.ort_graph_maker(folder, providers, torch.get_num_threads() if not cuda else None)
             try:
-                cache[key] = (R.Denoiser(graph("unet")), R.Decoder(graph("decoder")))
+                cache[key] = R.graph_parts(make, graphs)  # the deployment's factory
             except Exception as e:  # noqa: BLE001 - e.g. a provider that fails to start
                 raise Skip(f"onnxruntime session failed: {type(e).__name__}: {e}") from None
         unet, decode = cache[key]
@@ -360,7 +350,6 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
         return Runner(backend, dtype, "eager", unet, _as_dtype(decode, dtype), notes)
     # TensorRT: one engine per graph with a static profile at this batch (the fastest case).
     from ldm_fast.export import tensorrt_build as T
-    from ldm_fast.export.trt_runtime import TrtGraph
 
     key = ("trt", precision, batch)
     if key not in cache:
@@ -376,10 +365,10 @@ def _exported_runner(backend, dtype, base, size, device, batch, cache) -> Runner
                 if not engine.is_file():
                     T.build_engine(folder / graphs[name]["file"], engine, spec, profile,
                                    timing_cache=folder / "engines" / "timing.cache")
-                engines[name] = R.TorchCastGraph(TrtGraph(engine))
+                engines[name] = R.trt_graph(engine)
             except Exception as e:  # noqa: BLE001 - a build failure is this backend's, not the run's
                 raise Skip(f"TensorRT engine for {name} failed: {type(e).__name__}: {e}") from None
-        cache[key] = (R.Denoiser(engines["unet"]), R.Decoder(engines["decoder"]))
+        cache[key] = R.graph_parts(lambda name, rec: engines[name], graphs)
     unet, decode = cache[key]
     notes.append("strongly typed engines, static profile per batch, CUDA graphs in the runtime")
     return Runner(backend, dtype, "eager", unet, _as_dtype(decode, dtype), notes)
@@ -404,26 +393,23 @@ def make_inputs(size: Size, batch: int, dtype, device, seed: int = 1):
 
 def sample_images(runner: Runner, size: Size, schedule, batch: int, steps: int, sampler: str,
                   device, seed: int = 0):
-    """noise → sampler loop in latent space → decode, in the runner's dtype (as generate())."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn((batch, *size.latent), generator=g, device=device).to(runner.dtype)
+    """noise → sampler loop in latent space → decode through ldm_fast.pipeline.Pipeline, with
+    the runner as denoiser and decoder, in the runner's dtype and kernels."""
+    pipe = Pipeline(size.cfg, schedule, runner.unet, runner.decode, device=device, dtype=runner.dtype,
+                    kernels=runner.kernels, backend=runner.backend)
     cond = uncond = None
     if size.context:
-        c = torch.randn((batch, *size.context), generator=g, device=device).to(runner.dtype)
+        c = torch.randn((batch, *size.context), generator=torch.Generator().manual_seed(seed)).to(device)
         cond, uncond = {"context": c}, {"context": torch.zeros_like(c)}
-    z = samplers.sample(sampler, runner.unet, x, schedule, steps=steps, cond=cond, uncond=uncond,
-                        guidance=size.guidance, generator=g)
-    return runner.decode(z)
+    images, _ = pipe.sample(batch, cond, uncond, seed=seed, sampler=sampler, steps=steps, guidance=size.guidance,
+                            latent_size=size.latent[1:])
+    return images
 
 
 def _call(runner: Runner, fn):
     """Run fn with ldm_fast.ops switched to the runner's kernels (sampler updates included)."""
-    prev = ops.get_backend()
-    ops.set_backend(runner.kernels)
-    try:
+    with ops.backend(runner.kernels):
         return fn()
-    finally:
-        ops.set_backend(prev if prev != "auto" else None)
 
 
 def _interleaved(runners: list[Runner], make_fn, device, warmup: int, reps: int,
@@ -603,9 +589,8 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             for b in batches:
                 x, t, cond, _ = make_inputs(size, b, torch.float32, device)
-                ops.set_backend("eager")
-                reference[b] = base(x, t, cond).float()
-                ops.set_backend(None)
+                with ops.backend("eager"):
+                    reference[b] = base(x, t, cond).float()
         skipped_here = set()
         for b in batches:
             runners = []

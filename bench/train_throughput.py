@@ -6,10 +6,11 @@ cached latents against encoding every batch.
     python bench/train_throughput.py --quick         # seconds: proves it runs
 
 Parts:
-  autoencoder  one optimiser step of the first stage as ldm_fast.training runs it before the
-               discriminator starts: forward, L1/NLL + KL loss, backward, clip, Adam step;
-  ldm          one step of stage 2: posterior sample of the (frozen) encoder, ε-loss at random
-               t, backward, clip, AdamW step, EMA update;
+  autoencoder  one step of the first stage as ldm_fast.training runs it (its Phases through
+               Trainer.train_step) before the discriminator starts: forward, L1/NLL + KL loss,
+               backward, clip, Adam step;
+  ldm          one step of stage 2, the same way: posterior sample of the (frozen) encoder,
+               ε-loss at random t, backward, clip, AdamW step, EMA update;
   for backends eager (ldm_fast.ops eager), triton (the fused kernels; CUDA only) and compile
   (torch.compile of the model, eager ops inside). These steps take pre-rendered batches from
   memory, so they time the compute, not the data pipeline.
@@ -26,6 +27,7 @@ only the ratios mean anything. JSON (+ Markdown) goes to bench/results/train_thr
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -41,21 +43,15 @@ from ldm_fast.autoencoder import build_first_stage  # noqa: E402
 from ldm_fast.config import get_preset  # noqa: E402
 from ldm_fast.data.latent_cache import LatentCacheDataset, build_latent_cache  # noqa: E402
 from ldm_fast.data.procedural import ProceduralShapes  # noqa: E402
-from ldm_fast.diffusion import diffusion_loss  # noqa: E402
 from ldm_fast.losses import AutoencoderLoss  # noqa: E402
 from ldm_fast.model import EMA, LatentDiffusion  # noqa: E402
+from ldm_fast.training import autoencoder_phases, ldm_phase  # noqa: E402
 
 BACKENDS = ("eager", "triton", "compile")
 
 
 class Skip(Exception):
     pass
-
-
-def _autocast(device, precision):
-    if precision == "fp32" or device.type != "cuda":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _check_backend(backend: str, device, explicit: bool):
@@ -70,32 +66,38 @@ def _check_backend(backend: str, device, explicit: bool):
 
 
 # ----------------------------------------------------------------------------- step functions
-# Mirrors of the step bodies in ldm_fast/training.py (without logging and checkpoints, which
-# are not throughput): the same modules, losses and optimisers.
+# The steps ldm_fast.training runs (its Phases, through Trainer.train_step), without logging
+# and checkpoints, which are not throughput; batches come from the caller's iterator.
 
-def autoencoder_trainee(cfg, backend, device, precision):
+def _trainer(cfg, stage: str, device, precision, seed: int):
+    from ldm_fast.run import RunDir
+    from ldm_fast.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    cfg.precision = precision
+    tc = getattr(cfg, f"train_{stage}")
+    run = RunDir(tempfile.mkdtemp(prefix="ldm_fast_train_bench_"))  # never written: no checkpoints here
+    return cfg, Trainer(stage, cfg, tc, run, device, seed, progress=False)
+
+
+def autoencoder_trainee(cfg, backend, device, precision, batches):
+    """step() → one stage-1 step on the next batch of `batches` ({'image': …} dicts)."""
+    cfg, trainer = _trainer(cfg, "autoencoder", device, precision, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_first_stage(cfg.autoencoder).to(device).train()
     loss_fn = AutoencoderLoss(cfg.autoencoder).to(device)
     tc = cfg.train_autoencoder
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=tc.lr, betas=(0.5, 0.9))
-    fwd = torch.compile(model) if backend == "compile" else model
-    logvar = getattr(model, "logvar", None)
-
-    def step(x):
-        with _autocast(device, precision):
-            recon, reg_loss, _ = fwd(x)
-            loss, _ = loss_fn.generator(x, recon.float(), reg_loss, 0, model.decoder.last_layer, logvar)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-    return step
+    opt_g = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+    forward = torch.compile(model) if backend == "compile" else model
+    phases = autoencoder_phases(cfg, model, loss_fn, opt_g, opt_d, batches, trainer.generator, device,
+                                forward=forward)
+    return lambda: trainer.train_step(phases, 0)  # step 0: before the discriminator starts
 
 
-def ldm_trainee(cfg, first_stage, backend, device, precision, seed=1):
+def ldm_trainee(cfg, first_stage, backend, device, precision, batches, seed=1):
+    """(model, step()) → one stage-2 step on the next batch ({'image': …} or {'latent': …})."""
+    cfg, trainer = _trainer(cfg, "ldm", device, precision, cfg.seed + seed)
     torch.manual_seed(cfg.seed + seed)
     model = LatentDiffusion(cfg, first_stage).to(device)
     model.train()
@@ -103,23 +105,9 @@ def ldm_trainee(cfg, first_stage, backend, device, precision, seed=1):
     params = list(model.unet.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(model.unet, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + seed)
-    fwd = torch.compile(model) if backend == "compile" else model
-
-    def step(x=None, z=None):
-        with _autocast(device, precision):
-            if z is None:
-                z = model.encode(x, generator=generator)   # frozen first stage, no grad
-            loss = diffusion_loss(fwd, z, model.schedule, cond={}, loss_type=cfg.diffusion.loss,
-                                  generator=generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(model.unet)
-    return model, step
+    denoiser = torch.compile(model) if backend == "compile" else None
+    phase = ldm_phase(cfg, model, opt, params, batches, trainer.generator, device, ema=ema, denoiser=denoiser)
+    return model, lambda: trainer.train_step([phase], 0)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -129,26 +117,21 @@ def time_interleaved(entries: dict, device, warmup: int, steps: int) -> dict:
     {first_step_s, step_s: summarize()}; failures → {error}."""
     out, live = {}, {}
     for name, (kernels, fn) in entries.items():
-        ops.set_backend(kernels)
         try:
-            first, _ = bl.time_once(fn, device)
-            for _ in range(max(0, warmup - 1)):
-                fn()
-            bl.synchronize(device)
+            with ops.backend(kernels):
+                first, _ = bl.time_once(fn, device)
+                for _ in range(max(0, warmup - 1)):
+                    fn()
+                bl.synchronize(device)
             out[name] = {"first_step_s": first, "samples": []}
             live[name] = (kernels, fn)
         except Exception as e:  # noqa: BLE001 - report, keep measuring the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             bl.log(f"{name}: FAILED {out[name]['error']}")
-        finally:
-            ops.set_backend(None)
     for _ in range(steps):
         for name, (kernels, fn) in live.items():
-            ops.set_backend(kernels)
-            try:
+            with ops.backend(kernels):
                 dt, _ = bl.time_once(fn, device)
-            finally:
-                ops.set_backend(None)
             out[name]["samples"].append(dt)
     for name in live:
         out[name]["step_s"] = bl.summarize(out[name].pop("samples"))
@@ -220,11 +203,11 @@ def main(argv=None) -> int:
 
     if "autoencoder" in parts:
         bs = cfg.train_autoencoder.batch_size
-        xs = cycle(images(bs))
+        xs = ({"image": x} for x in cycle(images(bs)))
         entries = {}
         for b in backends:
-            step = autoencoder_trainee(cfg, b, device, args.precision)
-            entries[b] = ("triton" if b == "triton" else "eager", lambda step=step: step(next(xs)))
+            step = autoencoder_trainee(cfg, b, device, args.precision, xs)
+            entries[b] = ("triton" if b == "triton" else "eager", step)
         record("autoencoder", bs, time_interleaved(entries, device, args.warmup, args.steps))
 
     if "ldm" in parts or "cache" in parts:
@@ -232,11 +215,11 @@ def main(argv=None) -> int:
         first_stage = build_first_stage(cfg.autoencoder).to(device).eval()
     if "ldm" in parts:
         bs = cfg.train_ldm.batch_size
-        xs = cycle(images(bs))
+        xs = ({"image": x} for x in cycle(images(bs)))
         entries = {}
         for b in backends:
-            _, step = ldm_trainee(cfg, first_stage, b, device, args.precision)
-            entries[b] = ("triton" if b == "triton" else "eager", lambda step=step: step(x=next(xs)))
+            _, step = ldm_trainee(cfg, first_stage, b, device, args.precision, xs)
+            entries[b] = ("triton" if b == "triton" else "eager", step)
         record("ldm", bs, time_interleaved(entries, device, args.warmup, args.steps))
 
     cache_info = None
@@ -247,18 +230,16 @@ def main(argv=None) -> int:
             t_build, manifest = bl.time_once(
                 lambda: build_latent_cache(first_stage, subset, tmp, batch_size=64, device=device,
                                            reuse=False), device)
-            model_e, step_e = ldm_trainee(cfg, first_stage, "eager", device, args.precision)
-            _, step_c = ldm_trainee(cfg, first_stage, "eager", device, args.precision)
             # Same sampler settings for both loaders: shuffled, drop_last, the same workers.
             loader_kw = dict(batch_size=bs, shuffle=True, drop_last=True, num_workers=args.workers,
                              persistent_workers=args.workers > 0)
             img_batches = _forever(DataLoader(subset, generator=torch.Generator().manual_seed(0), **loader_kw))
-            lat_ds = LatentCacheDataset(tmp, scale_factor=float(model_e.scale_factor))
+            # Unscaled latents: the step applies the model's scale factor, as training does.
+            lat_ds = LatentCacheDataset(tmp, scale_factor=1.0)
             lat_batches = _forever(DataLoader(lat_ds, generator=torch.Generator().manual_seed(0), **loader_kw))
-            entries = {
-                "encode every step": ("eager", lambda: step_e(x=next(img_batches)["image"].to(device))),
-                "cached latents": ("eager", lambda: step_c(z=next(lat_batches)["latent"].to(device))),
-            }
+            _, step_e = ldm_trainee(cfg, first_stage, "eager", device, args.precision, img_batches)
+            _, step_c = ldm_trainee(cfg, first_stage, "eager", device, args.precision, lat_batches)
+            entries = {"encode every step": ("eager", step_e), "cached latents": ("eager", step_c)}
             measured = time_interleaved(entries, device, args.warmup, args.steps)
         cache_info = {"items": args.cache_items, "build_s": t_build,
                       "build_s_per_item": t_build / args.cache_items,

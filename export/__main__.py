@@ -78,8 +78,9 @@ def conditioning_record(cfg, cond_module) -> dict:
 
 
 def context_tokens(cfg) -> int:
-    cc = cfg.conditioning
-    return 1 if cc.task == "class" and cc.mode == "crossattn" else cc.max_length
+    from ldm_fast.tasks import task_of
+
+    return task_of(cfg).context_tokens(cfg)
 
 
 def _shapes(args, cfg):
@@ -120,6 +121,12 @@ def build_engines(args, model, out: Path, graphs: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from ldm_fast.cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from ldm_fast.run import load_model
 
@@ -135,8 +142,9 @@ def main(argv=None) -> int:
         return 2
     cfg = model.cfg
     conditioner = None
-    if cfg.conditioning.task != "unconditional":
-        from ldm_fast.tasks import load_conditioner
+    from ldm_fast.tasks import load_conditioner, task_of
+
+    if task_of(cfg).conditional:
         conditioner = load_conditioner(args.ckpt, model, state, "cpu")
     cond_module = context_encoder(conditioner)
     if cond_module is not None:

@@ -1,7 +1,7 @@
-"""One sampling interface over three backends: PyTorch, ONNX Runtime, TensorRT.
+"""The exported graphs as the parts of a ldm_fast.pipeline.Pipeline: ONNX Runtime, TensorRT.
 
-    dep = load_deployment(EXPORT_DIR, backend="onnxruntime")     # or "torch", "tensorrt"
-    images = dep.generate(4, sampler="ddim", steps=25, seed=0, guidance=3.0, classes=[1, 2, 3, 4])
+    pipe = Pipeline.from_export_dir(EXPORT_DIR, backend="onnxruntime")   # or "tensorrt", "torch"
+    images = pipe(class_labels=[1, 2, 3, 4], steps=25, seed=0, guidance=3.0).images
 
 What differs between backends is only who evaluates the graphs:
   - `Denoiser`     __call__(x, t, cond) → prediction: the samplers' model interface, so
@@ -12,10 +12,8 @@ What differs between backends is only who evaluates the graphs:
                    as tasks.Conditioner: the torch backend uses that object itself; the graph
                    backends use `ExportedConditioner` (host-side tokenisation and id checks,
                    τθ from the cond_encoder graph).
-The loop in `Deployment.generate` is ldm_fast.generate.generate's, with one difference: the
-torch.Generator seeded with `seed` lives on the CPU for every backend (generate() puts it on the
-model's device), so the same seed gives the same starting noise and stochastic updates on
-every backend and device, and the images agree up to the graphs' arithmetic.
+The sampling loop is the Pipeline's, the same for every backend (its seeds come from CPU
+generators), so the images agree across backends up to the graphs' arithmetic.
 
 The export folder (written by `python -m ldm_fast.export`) holds manifest.json — config,
 schedule, latent scale, the graphs and their specs, the run directory the torch backend loads,
@@ -26,12 +24,12 @@ the TensorRT engines and their sidecars.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ldm_fast import samplers
 from ldm_fast.config import from_dict, validate
 from ldm_fast.diffusion import Schedule
 from ldm_fast.export.onnx_export import GraphSpec
@@ -136,21 +134,19 @@ class ExportedConditioner:
 
     def __init__(self, record: dict, graph, export_dir, device):
         self.record, self.graph, self.device = record, graph, torch.device(device)
-        self.task, self.mode = record.get("task", "unconditional"), record.get("mode", "")
-        if self.task in ("semantic", "inpaint"):
+        from ldm_fast.tasks import check_task
+
+        self.task, self.mode = record["task"], record.get("mode", "")
+        task = check_task(self.task, self.mode)
+        if not task.exportable:
             raise NotImplementedError(f"task {self.task!r}: its concat conditioner is not exported; "
                                       "use --backend torch")
-        parts = []
-        if self.task == "class":
-            parts.append("class")
-        elif self.task == "layout":
-            parts.append("layout")
-        elif self.task == "sr":
-            parts.append("sr")
-        if self.task == "text" or self.mode == "hybrid":
+        parts = [task.export_part] if task.export_part else []
+        if "prompt" in task.sampling_inputs(self.mode):
             parts.append("text")
         self.parts = parts
-        needs_graph = any(p in ("text", "layout") for p in parts) or (self.task == "class" and self.mode != "adm")
+        # τθ runs as the cond_encoder graph for prompts, layouts and cross-attended class ids.
+        needs_graph = any(p in ("text", "layout") for p in parts) or ("class" in parts and self.mode != "adm")
         if needs_graph and graph is None:
             raise FileNotFoundError(f"task {self.task!r} ({self.mode}): the export has no cond_encoder graph "
                                     "(pretrained Hugging Face / CLIP text encoders are not exported; use "
@@ -188,8 +184,10 @@ class ExportedConditioner:
             prompts = given["prompts"]
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             ids = self._tokenizer.encode(prompts, r["max_length"])
+            negative = given.get("negative_prompts")
             return self._context(tokens=ids), \
-                lambda b: self._context(tokens=self._tokenizer.encode([""] * b, r["max_length"]))
+                lambda b: self._context(tokens=self._tokenizer.encode(
+                    list(negative) if negative is not None else [""] * b, r["max_length"]))
         if part == "layout":
             tokens = self._layout.tokenize_lists(given["boxes"])
             return self._context(tokens=tokens), lambda b: self._context(tokens=self._layout.null_tokens(b))
@@ -198,12 +196,14 @@ class ExportedConditioner:
             return {"concat": concat}, None
         raise AssertionError(part)
 
-    def encode_inputs(self, *, classes=None, prompts=None, boxes=None, lr=None, n: int | None = None,
-                      **unsupported) -> tuple[dict, dict | None]:
-        from ldm_fast.tasks import check_inputs, repeat_to_batch
+    def encode_inputs(self, *, classes=None, prompts=None, boxes=None, lr=None, negative_prompts=None,
+                      n: int | None = None, **unsupported) -> tuple[dict, dict | None]:
+        from ldm_fast.tasks import check_inputs, check_negative, repeat_to_batch
 
         given = {"classes": classes, "prompts": prompts, "boxes": boxes, "lr": lr}
         check_inputs(self.task, self.mode, self.inputs, {**given, **unsupported})
+        check_negative(self.task, self.inputs, negative_prompts)
+        given["negative_prompts"] = negative_prompts
         if not self.parts:
             return {}, None
         with torch.no_grad():
@@ -221,50 +221,28 @@ class ExportedConditioner:
         return tuple(cond["concat"].shape[-2:]) if cond and "concat" in cond else None
 
 
-# ----------------------------------------------------------------------------- deployment
+# ----------------------------------------------------------------------------- opening an export
 
-class Deployment:
-    """Everything one sampling run needs, on one backend."""
+@dataclass
+class ExportParts:
+    """What ldm_fast.pipeline.Pipeline needs from an export folder on a graph backend."""
+    cfg: object
+    schedule: Schedule
+    denoiser: Denoiser
+    decoder: Decoder
+    conditioner: ExportedConditioner | None
+    device: torch.device
+    manifest: dict
 
-    def __init__(self, backend, cfg, schedule, denoiser, decoder, conditioner, device, manifest):
-        self.backend, self.cfg, self.schedule = backend, cfg, schedule
-        self.denoiser, self.decoder, self.conditioner = denoiser, decoder, conditioner
-        self.device, self.manifest = torch.device(device), manifest
 
-    @property
-    def latent_channels(self) -> int:
-        return self.cfg.unet.out_channels
-
-    def default_latent_size(self) -> tuple[int, int]:
-        side = self.cfg.data.resolution // max(1, self.cfg.autoencoder.factor)
-        return side, side
-
-    def encode_inputs(self, n: int, **inputs) -> tuple[dict | None, dict | None]:
-        if self.conditioner is None:
-            given = [k for k, v in inputs.items() if v is not None]
-            if given:
-                raise ValueError(f"this model is unconditional; it takes no {given}")
-            return None, None
-        return self.conditioner.encode_inputs(n=n, **{k: v for k, v in inputs.items() if v is not None})
-
-    @torch.no_grad()
-    def generate(self, n: int, sampler: str = "ddim", steps: int = 25, eta: float = 0.0, seed: int = 0,
-                 guidance: float = 1.0, latent_size=None, return_latents: bool = False, **inputs):
-        """n images (B, 3, H, W) in [-1, 1]; `inputs` as encode_inputs (classes, prompts, boxes, lr)."""
-        cond, uncond = self.encode_inputs(n, **inputs)
-        if guidance != 1.0 and uncond is None:
-            raise ValueError("guidance ≠ 1 needs a null condition; this model/task has none")
-        fixed = self.conditioner.latent_size(cond) if self.conditioner is not None else None
-        latent_size = tuple(fixed or latent_size or self.default_latent_size())
-        # A CPU generator on every backend, so a seed means the same noise on onnxruntime (CPU),
-        # TensorRT and torch on CUDA alike; the samplers draw their later noise from it too and
-        # move it to the latents' device. (On CPU this is exactly ldm_fast.generate's stream.)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn((n, self.latent_channels, *latent_size), generator=generator).to(self.device)
-        z = samplers.sample(sampler, self.denoiser, x, self.schedule, steps=steps, eta=eta, cond=cond,
-                            uncond=uncond, guidance=guidance, generator=generator)
-        images = self.decoder(z).clamp(-1, 1)
-        return (images, z) if return_latents else images
+def recorded_run_dir(export_dir, run_dir=None) -> Path:
+    """The run directory the torch backend loads: `run_dir`, else the manifest's."""
+    manifest = read_manifest(export_dir)
+    run = Path(run_dir or manifest.get("run_dir") or "")
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"torch backend: run directory {str(run)!r} (recorded in {MANIFEST}) not "
+                                "found; pass run_dir= / --run-dir")
+    return run
 
 
 def _cond_graph(manifest, make):
@@ -272,44 +250,50 @@ def _cond_graph(manifest, make):
     return make("cond_encoder", rec) if rec else None
 
 
-def load_deployment(export_dir, backend: str = "onnxruntime", device=None, run_dir=None,
-                    providers=None, threads: int | None = None, cuda_graphs: bool = True) -> Deployment:
-    """Open an export folder on `backend`. torch: the run directory recorded in the manifest
-    (or `run_dir`) is loaded with the original PyTorch modules; onnxruntime: the .onnx graphs
-    (CPU provider unless `providers` says otherwise); tensorrt: the engines in engines/, each
-    checked against its sidecar before it is deserialised."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+def ort_graph_maker(export_dir, providers=None, threads: int | None = None):
+    """(name, graph record) → OrtGraph for the .onnx files of an export folder (records as in
+    manifest.json's "graphs" or onnx_export.export_all's return)."""
+    export_dir = Path(export_dir)
+
+    def make(name, rec):
+        return OrtGraph(export_dir / rec["file"], GraphSpec.from_json(rec["spec"]), providers, threads)
+    return make
+
+
+def trt_graph(engine_path, cuda_graphs: bool = True) -> TorchCastGraph:
+    """A TensorRT engine (checked against its sidecar first) as a graph runner."""
+    from ldm_fast.export.trt_runtime import TrtGraph
+
+    return TorchCastGraph(TrtGraph(engine_path, cuda_graphs=cuda_graphs))
+
+
+def graph_parts(make, graphs: dict) -> tuple[Denoiser, Decoder]:
+    """The samplers' denoiser and the decoder over the "unet" and "decoder" graphs; the one
+    factory the deployment (open_export) and the throughput benchmark both build backends with."""
+    return Denoiser(make("unet", graphs["unet"])), Decoder(make("decoder", graphs["decoder"]))
+
+
+def open_export(export_dir, backend: str = "onnxruntime", device=None, providers=None,
+                threads: int | None = None, cuda_graphs: bool = True) -> ExportParts:
+    """The graphs of an export folder on a graph backend. onnxruntime: the .onnx graphs (CPU
+    provider unless `providers` says otherwise); tensorrt: the engines in engines/, each
+    checked against its sidecar before it is deserialised. (The torch backend is the run
+    directory itself: Pipeline.from_export_dir loads it with `recorded_run_dir`.)"""
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"graph backend: expected onnxruntime or tensorrt, got {backend!r}")
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     cfg = validate(from_dict(manifest["config"]))
     schedule = schedule_from_record(manifest["schedule"])
-    cond_rec = manifest.get("conditioning", {"task": "unconditional"})
-    conditional = cond_rec.get("task", "unconditional") != "unconditional"
+    from ldm_fast.tasks import task_of
 
-    if backend == "torch":
-        from ldm_fast.run import load_model
-
-        run = Path(run_dir or manifest.get("run_dir") or "")
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"torch backend: run directory {str(run)!r} (recorded in {MANIFEST}) not "
-                                    "found; pass run_dir= / --run-dir")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, state = load_model(run, device)
-        conditioner = None
-        if conditional:
-            from ldm_fast.tasks import load_conditioner
-            conditioner = load_conditioner(run, model, state, device)
-        return Deployment(backend, cfg, model.schedule, model, model.decode, conditioner, device, manifest)
+    cond_rec = manifest.get("conditioning")
+    conditional = task_of(cfg).conditional
 
     if backend == "onnxruntime":
         device = torch.device(device or "cpu")
-
-        def make(name, rec):
-            return OrtGraph(export_dir / rec["file"], GraphSpec.from_json(rec["spec"]), providers, threads)
+        make = ort_graph_maker(export_dir, providers, threads)
     else:
-        from ldm_fast.export.trt_runtime import TrtGraph
-
         device = torch.device(device or "cuda")
         engines = manifest.get("engines") or {}
         if "unet" not in engines or "decoder" not in engines:
@@ -319,12 +303,11 @@ def load_deployment(export_dir, backend: str = "onnxruntime", device=None, run_d
         def make(name, rec):
             if name not in engines:
                 raise FileNotFoundError(f"{export_dir}: no TensorRT engine for {name}")
-            return TorchCastGraph(TrtGraph(export_dir / engines[name], cuda_graphs=cuda_graphs))
+            return trt_graph(export_dir / engines[name], cuda_graphs)
 
     graphs = manifest["graphs"]
-    denoiser = Denoiser(make("unet", graphs["unet"]))
-    decoder = Decoder(make("decoder", graphs["decoder"]))
+    denoiser, decoder = graph_parts(make, graphs)
     conditioner = None
     if conditional:
         conditioner = ExportedConditioner(cond_rec, _cond_graph(manifest, make), export_dir, device)
-    return Deployment(backend, cfg, schedule, denoiser, decoder, conditioner, device, manifest)
+    return ExportParts(cfg, schedule, denoiser, decoder, conditioner, device, manifest)

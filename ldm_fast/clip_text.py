@@ -31,7 +31,7 @@ def _transformers():
         import transformers
     except ImportError as exc:
         raise ImportError("the CLIP text encoder needs the `transformers` package (pip install "
-                          "transformers) and a local CLIP checkpoint directory (config.json, "
+                          "'ldm_fast[clip]') and a local CLIP checkpoint directory (config.json, "
                           "vocab.json, merges.txt, weights)") from exc
     return transformers
 

@@ -291,7 +291,10 @@ def validate(cfg: Config) -> Config:
         _require(tc.keep_last > 0, f"{name}.keep_last", "must be positive")
         _require(tc.grad_accum > 0, f"{name}.grad_accum", "must be positive")
         _require(tc.strategy in ("ddp", "fsdp"), f"{name}.strategy", f"expected ddp|fsdp, got {tc.strategy!r}")
-    _require(not (cfg.train_ldm.cached_latents and cfg.data.dataset == "shards" and cond.task in ("sr", "inpaint")),
+    from ldm_fast.tasks.registry import get_task  # lazy: the task files import this module
+
+    _require(not (cfg.train_ldm.cached_latents and cfg.data.dataset == "shards"
+                  and get_task(cond.task).per_sample_pairs),
              "train_ldm.cached_latents", f"the {cond.task!r} task draws its inputs per streamed shard sample, "
              "which a latent cache does not store; unset it or train from an image folder")
     _require(cfg.train_autoencoder.strategy == "ddp", "train_autoencoder.strategy",

@@ -97,6 +97,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / ctx.world_size
 
 
+def global_std(x: torch.Tensor) -> float:
+    """The standard deviation of x over the global batch (ranks hold equal shares): its first
+    two moments averaged over ranks, so every rank gets the value one rank with the whole
+    batch would compute."""
+    x = x.float()
+    moments = all_reduce_mean(torch.stack([x.mean(), x.pow(2).mean()]))
+    return float((moments[1] - moments[0] ** 2).clamp_min(0).sqrt())
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj` (small, picklable: e.g. data positions for a checkpoint), in rank order."""
     if not current().enabled:

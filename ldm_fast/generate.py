@@ -1,11 +1,11 @@
-"""Noise → sampler loop in latent space → decode: the image-generation pipeline."""
+"""`generate(model, n, cond=…)`: the functional form of ldm_fast.pipeline.Pipeline for a
+LatentDiffusion in memory and already-encoded conditions (tests, notebooks that build their
+own cond dicts). It only forwards to `Pipeline.sample`, so the seeds and the loop are the
+Pipeline's."""
 
 from __future__ import annotations
 
 import torch
-
-from ldm_fast import samplers
-from ldm_fast.tiling import decode_tiled
 
 
 @torch.no_grad()
@@ -13,21 +13,11 @@ def generate(model, n: int, sampler: str = "ddim", steps: int = 50, eta: float =
              cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0,
              latent_size: tuple[int, int] | None = None, return_latents: bool = False, tile: int = 0,
              **sampler_kwargs):
-    """Draw `n` images from a LatentDiffusion. The same seed gives the same images: the initial
-    noise and every stochastic update come from one torch.Generator seeded with `seed`.
-    A latent_size larger than training samples convolutionally; `tile` > 0 decodes in tiles of
-    that many latent pixels (ldm_fast.tiling) so memory stays bounded."""
-    device = model.scale_factor.device
-    if latent_size is None:
-        side = model.cfg.data.resolution // model.factor
-        latent_size = (side, side)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn((n, model.latent_channels, *latent_size), generator=generator, device=device)
-    z = samplers.sample(sampler, model, x, model.schedule, steps=steps, eta=eta, cond=cond, uncond=uncond,
-                        guidance=guidance, generator=generator, **sampler_kwargs)
-    if tile:
-        images = decode_tiled(model.decode, z, model.factor, tile=tile, overlap=max(1, tile // 4))
-    else:
-        images = model.decode(z)
-    images = images.clamp(-1, 1)
+    """`n` images in [-1, 1] (on the model's device) from `model` (a LatentDiffusion, or a
+    wrapper exposing its cfg, schedule, decode and scale_factor such as SRImageGuidance)."""
+    from ldm_fast.pipeline import Pipeline
+
+    images, z = Pipeline.from_model(model).sample(n, cond, uncond, seed=seed, sampler=sampler, steps=steps,
+                                                  eta=eta, guidance=guidance, latent_size=latent_size,
+                                                  tile=tile, **sampler_kwargs)
     return (images, z) if return_latents else images

@@ -30,12 +30,31 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np
     return grid
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, upscale: int = 1) -> Path:
-    """Write a PNG grid; `upscale` enlarges small images (nearest) so they can be seen."""
+def _png_info(text: dict | None):
+    """PNG tEXt chunks (key → str(value)); Pillow writes non-Latin-1 text as iTXt."""
+    from PIL.PngImagePlugin import PngInfo
+
+    if not text:
+        return None
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(str(key), str(value))
+    return info
+
+
+def save_png(array: np.ndarray, path, text: dict | None = None, upscale: int = 1) -> Path:
+    """Write one (H, W, 3) uint8 image with `text` in its PNG text chunks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(make_grid(images, nrow))
+    img = Image.fromarray(array)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    img.save(path, pnginfo=_png_info(text))
     return path
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, upscale: int = 1,
+              text: dict | None = None) -> Path:
+    """Write a PNG grid; `upscale` enlarges small images (nearest) so they can be seen;
+    `text` goes into the PNG's text chunks."""
+    return save_png(make_grid(images, nrow), path, text=text, upscale=upscale)

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from importlib import resources
 
 import torch
@@ -31,6 +32,21 @@ def set_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"kernels: expected one of {BACKENDS}, got {name!r}")
     _backend = name
+
+
+@contextmanager
+def backend(name: str | None):
+    """`with ops.backend("triton"): …` — the backend for the block, the previous selection
+    (including "none: follow $LDM_KERNELS") restored after it, also when the block raises.
+    None keeps the current selection, so callers can pass an optional --kernels through."""
+    global _backend
+    previous = _backend
+    if name is not None:
+        set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
 
 
 def get_backend() -> str:

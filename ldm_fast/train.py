@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ldm_fast import distributed, ops
+from ldm_fast import cli, distributed, ops
 from ldm_fast.checkpoint import list_checkpoints
 from ldm_fast.config import ConfigError, apply_override, get_preset, load_yaml, validate
 from ldm_fast.data.build import build_datasets
 from ldm_fast.run import RunDir, load_config, load_first_stage
-from ldm_fast.tasks import TASK_PRESETS, TASKS, build_conditioner, dataset_captions, task_dataset, task_fields
+from ldm_fast.tasks import (TASK_PRESETS, TASKS, build_conditioner, dataset_captions, preset_for, task_dataset,
+                            task_fields, task_of)
 
 
 def parse_args(argv=None):
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--kernels", choices=ops.BACKENDS, help="eager | triton | auto (default: config / $LDM_KERNELS)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs still go to metrics.jsonl)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (or, in a log file, progress lines); metrics still go to metrics.jsonl")
     return p.parse_args(argv)
 
 
@@ -71,21 +73,21 @@ def build_config(args):
 
 
 def _preset(name: str, task: str | None):
-    if task and name == "tiny":
-        name = f"tiny-{task}" if task != "unconditional" else "tiny"
+    if task:
+        name = preset_for(task, name)
     if name in TASK_PRESETS:
         return validate(TASK_PRESETS[name]())
     return get_preset(name)
 
 
 def main(argv=None) -> int:
+    return cli.guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = build_config(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = build_config(args)
     run = RunDir(args.out or Path("runs") / cfg.name)
     stages = ("autoencoder", "ldm") if args.stage == "all" else (args.stage,)
     if not args.resume and any(list_checkpoints(run.stage_dir(s)) for s in stages):
@@ -120,7 +122,7 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
         if "ldm" in stages:
             ldm_set = task_dataset(cfg, train_set)
             conditioner = None
-            if cfg.conditioning.task != "unconditional":
+            if task_of(cfg).conditional:
                 conditioner = build_conditioner(cfg, first_stage, dataset_captions(ldm_set),
                                                 run_dir=run.path, device=device)
             if cfg.train_ldm.cached_latents:
@@ -130,13 +132,22 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
     if "ldm" in stages and ctx.is_main:
-        from ldm_fast.sample import main as sample_main
-
-        # The sample grid of a finished run: the EMA weights, loaded the way sampling sees them,
-        # conditioned on held-out inputs for conditional tasks.
-        sample_main(["--ckpt", str(run.path), "--n", "16", "--seed", str(cfg.seed), "--device", device,
-                     "--out", str(run.path / "samples.png")])
+        path = final_grid(run.path, device, cfg.seed, progress)
+        print(f"samples: {path}")
     return 0
+
+
+def final_grid(run_dir: Path, device, seed: int, progress: bool, n: int = 16) -> Path:
+    """The sample grid of a finished run: the EMA weights, loaded the way sampling sees them
+    (Pipeline.from_run_dir), conditioned on held-out inputs for conditional tasks."""
+    from ldm_fast.images import save_grid
+    from ldm_fast.pipeline import Pipeline
+    from ldm_fast.tasks import heldout_inputs
+
+    pipe = Pipeline.from_run_dir(run_dir, device=device)
+    inputs = heldout_inputs(pipe.cfg, pipe.inputs, n) if pipe.inputs else {}
+    out = pipe(**inputs, n=n, seed=seed, progress=progress)
+    return save_grid(out.images, Path(run_dir) / "samples.png", upscale=4 if out.images.shape[-1] <= 64 else 1)
 
 
 def _cached(cfg, first_stage, dataset, device, progress):

@@ -79,7 +79,7 @@ def test_throughput_quick(throughput_run):
 
 def test_flop_counter_matches_torch_and_the_sd15_anchors():
     tp = load("throughput")
-    bl = load("benchlib")
+    bl = importlib.import_module("benchlib")  # a package in bench/, on sys.path since load()
     size = tp.make_size("sd", None)
     flops = tp.count_flops(size, 1)
     assert flops["unet_call"]["total"] == flops["unet_call"]["torch_flop_counter"]
@@ -152,7 +152,8 @@ def test_report_renders_results_and_ignores_smoke_runs(throughput_run, tmp_path)
     (tmp_path / "smoke.json").write_text(json.dumps(data))               # smoke: never reported
     data["smoke"] = False
     (tmp_path / "throughput-x.json").write_text(json.dumps(data))
-    report = load("report")
+    load("report")  # the CLI; the rendering is benchlib.results'
+    report = importlib.import_module("benchlib.results")
     section = report.render(tmp_path, tmp_path)
     assert section.startswith(report.START) and section.rstrip().endswith(report.END)
     assert section.count("| tiny | eager:fp32 |") == 1 and data["machine"]["name"] in section

@@ -1,6 +1,6 @@
 """Deployment: `python -m ldm_fast.export` on a class-conditional micro run, then the whole
-sampling loop from the exported files on onnxruntime (CPU) against the PyTorch loop
-(ldm_fast.generate) for the same seed, with classifier-free guidance; the deploy CLI; the
+sampling loop from the exported files on onnxruntime (CPU) against the PyTorch modules
+(both through ldm_fast.pipeline.Pipeline) for the same seed, with classifier-free guidance; the deploy CLI; the
 TensorRT engine sidecar checks with fake sidecars; the TensorRT path itself only where
 TensorRT and CUDA exist."""
 
@@ -12,25 +12,26 @@ import torch
 
 from export_helpers import CAPTIONS, ROOT, class_export_dir, class_run_dir, text_run_dir
 from ldm_fast.export.onnx_export import unet_spec
-from ldm_fast.export.runtime import load_deployment, read_manifest
+from ldm_fast.export.runtime import read_manifest
+from ldm_fast.pipeline import Pipeline
 from ldm_fast.export.tensorrt_build import (TensorRTNotInstalled, make_sidecar, profile_shapes,
                                             require_tensorrt, sidecar_path)
 from ldm_fast.export.trt_runtime import EngineMismatch, check_sidecar, load_engine
 
-pytest.importorskip("ldm_fast.tasks", reason="task conditioners (ldm_fast/tasks.py) not available")
+pytest.importorskip("ldm_fast.tasks", reason="task conditioners (ldm_fast/tasks/) not available")
 
 
 @functools.lru_cache(maxsize=None)
 def _reference(n, seed, guidance, classes, steps=4, sampler="ddim"):
-    """The PyTorch loop on the original run directory (cached: several tests compare with it)."""
-    from ldm_fast.generate import generate
-    from ldm_fast.run import load_model
-    from ldm_fast.tasks import load_conditioner
+    """The PyTorch modules on the original run directory (cached: several tests compare with it)."""
+    out = Pipeline.from_run_dir(class_run_dir(), device="cpu")(
+        class_labels=list(classes), n=n, sampler=sampler, steps=steps, seed=seed, guidance=guidance, progress=False)
+    return out.images, out.latents
 
-    model, state = load_model(class_run_dir())
-    cond, uncond = load_conditioner(class_run_dir(), model, state).encode_inputs(classes=list(classes), n=n)
-    return generate(model, n, sampler=sampler, steps=steps, seed=seed, cond=cond, uncond=uncond,
-                    guidance=guidance, return_latents=True)
+
+def _run(pipe, **kwargs):
+    out = pipe(progress=False, **kwargs)
+    return out.images, out.latents
 
 
 def test_export_cli_writes_a_validated_self_describing_folder():
@@ -49,33 +50,34 @@ def test_export_cli_writes_a_validated_self_describing_folder():
 
 @pytest.mark.parametrize("sampler,guidance", [("ddim", 3.0), ("dpmpp_2m", 1.0)])
 def test_onnxruntime_loop_matches_the_pytorch_loop(sampler, guidance):
-    dep = load_deployment(class_export_dir(), "onnxruntime")
-    images, z = dep.generate(2, sampler=sampler, steps=4, seed=7, guidance=guidance, classes=[1, 2],
-                             return_latents=True)
+    pipe = Pipeline.from_export_dir(class_export_dir(), "onnxruntime")
+    images, z = _run(pipe, n=2, sampler=sampler, steps=4, seed=7, guidance=guidance, class_labels=[1, 2])
     ref_images, ref_z = _reference(2, 7, guidance, (1, 2), sampler=sampler)
     # fp32 graphs: per-call differences ~1e-6 (validation), a few steps compound them mildly.
     torch.testing.assert_close(z, ref_z, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(images, ref_images, atol=1e-4, rtol=0)
     assert images.shape == (2, 3, 16, 16)
-    other = dep.generate(2, sampler=sampler, steps=4, seed=8, guidance=guidance, classes=[1, 2])
+    other, _ = _run(pipe, n=2, sampler=sampler, steps=4, seed=8, guidance=guidance, class_labels=[1, 2])
     assert not torch.allclose(other, images)  # the seed matters
 
 
-def test_torch_backend_reproduces_generate_exactly():
-    dep = load_deployment(class_export_dir(), "torch")
-    images, z = dep.generate(2, steps=4, seed=7, guidance=3.0, classes=[1, 2], return_latents=True)
+def test_torch_backend_reproduces_the_run_directory_exactly():
+    pipe = Pipeline.from_export_dir(class_export_dir(), "torch", device="cpu")
+    images, z = _run(pipe, n=2, steps=4, seed=7, guidance=3.0, class_labels=[1, 2])
     ref_images, ref_z = _reference(2, 7, 3.0, (1, 2))
     assert torch.equal(z, ref_z) and torch.equal(images, ref_images)
 
 
 def test_conditioning_inputs_are_checked():
-    dep = load_deployment(class_export_dir(), "onnxruntime")
+    pipe = Pipeline.from_export_dir(class_export_dir(), "onnxruntime")
     with pytest.raises(ValueError, match="unknown class id 30"):
-        dep.generate(1, steps=2, classes=[30])  # 30 classes: 30 is the null id, not a user class
+        pipe(n=1, steps=2, class_labels=[30])  # 30 classes: 30 is the null id, not a user class
     with pytest.raises(ValueError, match="missing"):
-        dep.generate(1, steps=2)
+        pipe(n=1, steps=2)
     with pytest.raises(ValueError, match="unexpected"):
-        dep.generate(1, steps=2, classes=[1], prompts=["a red circle"])
+        pipe(n=1, steps=2, class_labels=[1], prompt=["a red circle"])
+    with pytest.raises(ValueError, match="negative prompt"):
+        pipe(n=1, steps=2, class_labels=[1], negative_prompt="a red circle")
 
 
 def test_text_conditioning_from_the_exported_encoder_and_tokenizer():
@@ -102,6 +104,11 @@ def test_text_conditioning_from_the_exported_encoder_and_tokenizer():
     torch.testing.assert_close(c["context"], rc["context"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(u["context"], ru["context"], atol=1e-5, rtol=1e-5)
     assert exported.inputs == ("prompts",) and exported.supports_guidance
+    negative = [CAPTIONS[2], CAPTIONS[3]]  # the null condition becomes the negative prompts
+    _, nu = exported.encode_inputs(prompts=prompts, negative_prompts=negative)
+    _, rnu = reference.encode_inputs(prompts=prompts, negative_prompts=negative)
+    torch.testing.assert_close(nu["context"], rnu["context"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(nu["context"], u["context"])
 
 
 def test_deploy_cli_writes_the_grid(tmp_path):
@@ -117,6 +124,34 @@ def test_deploy_cli_writes_the_grid(tmp_path):
     # 3 images of 16² in a 2×2 grid with 2 px padding, upscaled 4× for small images.
     assert img.size == (4 * (2 * 18 + 2), 4 * (2 * 18 + 2))
     assert main(["--engine-dir", str(tmp_path), "--out", str(out)]) == 2  # not an export folder
+
+
+def test_sample_and_deploy_torch_write_the_same_pngs_with_metadata(tmp_path, capsys):
+    """One Pipeline behind both CLIs: the same flags and seed give byte-identical pixels and
+    the same PNG text chunks; a second class is cycled over --n 3."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm_fast import deploy, sample
+    from ldm_fast.cli import png_text
+
+    flags = ["--class", "1", "2", "--n", "3", "--steps", "3", "--seed", "5", "--guidance", "2",
+             "--device", "cpu", "--no-progress"]
+    assert sample.main(["--ckpt", str(class_run_dir()), *flags, "--outdir", str(tmp_path / "s")]) == 0
+    assert deploy.main(["--engine-dir", str(class_export_dir()), "--backend", "torch", *flags,
+                        "--outdir", str(tmp_path / "d")]) == 0
+    for i in range(3):
+        a, b = tmp_path / "s" / f"{i:05d}.png", tmp_path / "d" / f"{i:05d}.png"
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        meta = png_text(a)
+        assert meta == png_text(b)
+        assert meta["seed"] == str(5 + i) and meta["class_label"] == str((1, 2, 1)[i])
+        assert (meta["sampler"], meta["steps"], meta["guidance"]) == ("ddim", "3", "2.0")
+        assert meta["model"] == class_run_dir().name
+    assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "d" / "grid.png").is_file()
+    first = np.asarray(Image.open(tmp_path / "s" / "00000.png"))
+    third = np.asarray(Image.open(tmp_path / "s" / "00002.png"))
+    assert not np.array_equal(first, third)  # same class, different seed
 
 
 # ----------------------------------------------------------------------------- TensorRT sidecars
@@ -235,7 +270,7 @@ def test_tensorrt_backend_matches_onnxruntime(tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     for name in m["engines"].values():
         assert json.loads(sidecar_path(out / name).read_text())["tensorrt_version"]
-    trt_dep = load_deployment(out, "tensorrt")
-    z_trt = trt_dep.generate(2, steps=4, seed=7, guidance=3.0, classes=[1, 2], return_latents=True)[1]
+    trt = Pipeline.from_export_dir(out, "tensorrt")
+    z_trt = _run(trt, n=2, steps=4, seed=7, guidance=3.0, class_labels=[1, 2])[1]
     z_ref = _reference(2, 7, 3.0, (1, 2))[1]
     torch.testing.assert_close(z_trt.cpu(), z_ref, atol=2e-3, rtol=2e-3)  # TF32 convolutions on GPU

@@ -169,15 +169,11 @@ def test_kernel_switch_does_not_change_the_export():
     spec = E.GraphSpec("block", [E.TensorSpec("latent", "float32", ["batch", 16, "height", "width"])],
                        [E.TensorSpec("out", "float32", ["batch", 16, "height", "width"])])
     sizes = {"batch": 2, "height": 4, "width": 6}
-    previous = getattr(ops, "_backend", None)
     paths = {}
-    try:
-        for backend in ("eager", "triton"):
-            ops.set_backend(backend)
+    for backend in ("eager", "triton"):
+        with ops.backend(backend):
             paths[backend] = E.export_graph(block, spec, ROOT / "switch" / f"{backend}.onnx", sizes, {})
             assert ops.get_backend() == backend
-    finally:
-        ops.set_backend(previous)
     a, b = (onnx.load(str(paths[k])) for k in ("eager", "triton"))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     assert "GroupNormalization" in {n.op_type for n in b.graph.node}

@@ -107,14 +107,11 @@ CASES = [  # (sampler, steps, schedule, parameterization, extra kwargs, rel_cov 
 @pytest.mark.parametrize("name,steps,kind,param,kwargs,tol_cov", CASES,
                          ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}{'-eta' if c[4] else ''}" for c in CASES])
 def test_sampler_matches_gaussian(name, steps, kind, param, kwargs, tol_cov):
-    ops.set_backend("eager")
-    try:
+    with ops.backend("eager"):
         schedule = make_schedule(kind, parameterization=param)
         model = GaussianDenoiser(schedule)
         out = samplers.sample(name, model, _noise(), schedule, steps=steps,
                               generator=torch.Generator().manual_seed(1), **kwargs)
-    finally:
-        ops.set_backend(None)
     err_mu, err_cov = _errors(out)
     assert out.shape == (N, 4, 1, 1) and out.dtype == torch.float32
     assert err_mu < 0.05, f"{name}: mean off by {err_mu:.4f}"

@@ -306,10 +306,23 @@ def _encode_part(first_stage, loader, root: Path, chunk_name, store: str, fields
 
 
 def _progress(iterable, enabled: bool):
+    """The batches with a progress bar (plain lines in a log file; ldm_fast.progress)."""
     if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc="encode latents")
+        yield from iterable
+        return
+    from ldm_fast.progress import progress_bar
+
+    try:
+        total = len(iterable)
+    except TypeError:  # a shard stream: its length is unknown
+        total = None
+    bar = progress_bar(total, "encode latents")
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- serving

@@ -1,0 +1,45 @@
+"""Class-conditional generation (the paper's ImageNet models): class ids as an embedding added
+to the time embedding ("adm") or as a one-token cross-attention context ("crossattn"), with a
+null class for classifier-free guidance; metric: a classifier's accuracy on the samples."""
+
+import torch
+
+from ldm_fast.tasks.registry import Task, register
+
+
+def _configure(cfg, mode):
+    from ldm_fast.data import procedural
+
+    cfg.conditioning.num_classes = procedural.NUM_CLASSES
+    if mode == "adm":
+        cfg.unet.num_classes = cfg.conditioning.num_classes + 1  # + the null class for guidance
+
+
+def _parts(cfg, model, device):
+    from ldm_fast.conditioning import ClassEmbedder
+    from ldm_fast.tasks.parts import _ClassPart
+
+    cc = cfg.conditioning
+    embedder = ClassEmbedder(cc.num_classes, cc.embed_dim) if cc.mode == "crossattn" else None
+    return [_ClassPart(cc.num_classes, embedder, device)], 0, cc.embed_dim if embedder is not None else None
+
+
+def _metric(ctx) -> dict:
+    from ldm_fast.metrics import classifier_accuracy
+
+    labels = ctx.batch["label"]
+    res = {"reference_accuracy": classifier_accuracy(ctx.net, ctx.batch["image"], labels),
+           "chance": 1.0 / ctx.conditioner.cfg.conditioning.num_classes}
+    for name, g in ctx.guidances():
+        res[f"accuracy_{name}"] = classifier_accuracy(ctx.net, ctx.sample({"classes": labels}, g), labels)
+    return res
+
+
+def _context_tokens(cfg) -> int:
+    return 1 if cfg.conditioning.mode == "crossattn" else cfg.conditioning.max_length
+
+
+TASK = register(Task(
+    name="class", order=1, modes=("adm", "crossattn"), fields=("label",), inputs=("class_labels",),
+    configure=_configure, parts=_parts, metric=_metric, export_part="class", context_tokens=_context_tokens,
+    heldout=lambda items: {"class_labels": torch.stack([it["label"] for it in items])}))
