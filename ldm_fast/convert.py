@@ -257,6 +257,12 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
     raise ConvertError(f"original config: cond stage {target!r} (conditioning_key {key}) is not supported")
 
 
+# The original DDIM/PLMS samplers' timestep grid (make_ddim_timesteps "uniform": c·k + 1, one
+# extra step when the step count does not divide T) and last step (to alphas_cumprod[0]): a
+# converted checkpoint samples as its original scripts did unless the user asks otherwise.
+ORIGINAL_SAMPLING = {"timestep_spacing": "uniform", "steps_offset": 1, "set_alpha_to_one": False}
+
+
 def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int | None = None,
                          name: str = "converted") -> tuple[Config, list[str]]:
     """Our Config for an original latent-diffusion / SD v1 YAML (already parsed to dicts), and
@@ -288,7 +294,7 @@ def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int
         parameterization=param, loss=loss if loss in ("l1", "l2") else "l2",
         # The scale is known (the YAML's, or the checkpoint's buffer when scale_by_std): a
         # fine-tune of the converted run must keep it rather than re-measure it.
-        scale_by_std=False, scale_factor=float(params.get("scale_factor", 1.0)))
+        scale_by_std=False, scale_factor=float(params.get("scale_factor", 1.0)), **ORIGINAL_SAMPLING)
     cfg = Config(name=name, autoencoder=ae, unet=unet, conditioning=cond, diffusion=diffusion,
                  data=DataConfig(resolution=latent * ae.factor))
     if bool(params.get("scale_by_std", False)):
@@ -507,6 +513,8 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
         if image_size is not None:
             cfg.data.resolution = image_size * cfg.autoencoder.factor
         cfg.diffusion.scale_by_std = False
+        for key, value in ORIGINAL_SAMPLING.items():
+            setattr(cfg.diffusion, key, value)
         if clip_dir:
             cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
     src = load_original(ckpt_path)

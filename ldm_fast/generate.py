@@ -23,6 +23,9 @@ def generate(model, n: int, sampler: str = "ddim", steps: int = 50, eta: float =
         latent_size = (side, side)
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((n, model.latent_channels, *latent_size), generator=generator, device=device)
+    # The run's own timestep grid (a converted checkpoint: its original's) unless overridden.
+    sampler_kwargs = {**samplers.schedule_defaults(model.cfg, sampler),
+                      **{k: v for k, v in sampler_kwargs.items() if v is not None}}
     z = samplers.sample(sampler, model, x, model.schedule, steps=steps, eta=eta, cond=cond, uncond=uncond,
                         guidance=guidance, generator=generator, **sampler_kwargs)
     if tile:

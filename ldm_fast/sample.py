@@ -29,7 +29,7 @@ from ldm_fast import ops
 from ldm_fast.data.build import build_datasets
 from ldm_fast.images import save_grid
 from ldm_fast.run import load_model
-from ldm_fast.samplers import SAMPLERS
+from ldm_fast.samplers import SAMPLERS, SPACINGS
 from ldm_fast.tasks import load_conditioner, paste_known, task_dataset, task_fields
 
 
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="timestep grid (default: the run's config; a converted checkpoint: its original's)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale (1 = off; default 3 where the task has a null condition)")
     p.add_argument("--seed", type=int, default=0)
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         images, z = generate(sampling_model, n=n, sampler=args.sampler, steps=args.steps, eta=args.eta,
                              seed=args.seed, cond=cond, uncond=uncond,
                              guidance=args.guidance if args.guidance is not None else (3.0 if uncond else 1.0),
-                             latent_size=latent_size, return_latents=True, tile=args.tile)
+                             latent_size=latent_size, return_latents=True, tile=args.tile, spacing=args.spacing)
         if cfg.conditioning.task == "inpaint":
             images = paste_known(images, inputs["image"].expand_as(images), inputs["mask"].expand(n, -1, -1, -1))
     except (FileNotFoundError, ValueError) as exc:
