@@ -84,6 +84,7 @@ class ConditioningConfig:
     sr_factor: int = 4                    # super-resolution upscaling factor
     degradation: str = "bicubic"          # super-resolution: "bicubic" (LDM-SR) or "bsr" (generic, LDM-BSR)
     layout_grid: int = 32                 # layout: box corners discretised on a grid × grid lattice (grid² position tokens)
+    inpaint_inputs: str = "native"        # inpainting input convention: "native" (holes 0, {0,1} mask area-resized) or "original" (CompVis: holes -1, mask ±1, nearest resize)
 
 
 @dataclass
@@ -276,6 +277,8 @@ def validate(cfg: Config) -> Config:
     _require(0 < df.linear_start < df.linear_end < 1, "diffusion.linear_start",
              f"need 0 < linear_start < linear_end < 1, got {df.linear_start}, {df.linear_end}")
     _require(df.parameterization in ("eps", "v"), "diffusion.parameterization", f"expected eps|v, got {df.parameterization!r}")
+    _require(cfg.conditioning.inpaint_inputs in ("native", "original"), "conditioning.inpaint_inputs",
+             f"expected native|original, got {cfg.conditioning.inpaint_inputs!r}")
     spacings = ("linspace", "trailing", "leading", "uniform", "quad")
     _require(df.timestep_spacing in spacings, "diffusion.timestep_spacing",
              f"expected one of {'|'.join(spacings)}, got {df.timestep_spacing!r}")

@@ -253,7 +253,8 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
                    "a SpatialRescaler other than bilinear halving down to the latent grid")
         return ConditioningConfig(task="semantic", mode="concat", num_classes=int(cparams["in_channels"]))
     if target == "__is_first_stage__":
-        return ConditioningConfig(task="inpaint", mode="concat")
+        # The original feeds holes at −1 and a ±1 mask resized by nearest (scripts/inpaint.py).
+        return ConditioningConfig(task="inpaint", mode="concat", inpaint_inputs="original")
     raise ConvertError(f"original config: cond stage {target!r} (conditioning_key {key}) is not supported")
 
 
@@ -326,7 +327,8 @@ def build_cond_module(cfg: Config, first_stage):
         return SemanticEncoder(c.num_classes, cfg.unet.in_channels - cfg.unet.out_channels, cfg.autoencoder.factor)
     if c.task == "inpaint":
         from ldm_fast.conditioning import InpaintingConcat
-        return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor)
+        return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor,
+                                inputs=cfg.conditioning.inpaint_inputs)
     return None
 
 
@@ -334,7 +336,9 @@ def _fills(cfg: Config) -> dict[str, tuple[torch.Tensor | None, str]]:
     """Values for our tensors without an original counterpart (reasons: rules.FILLS); None = zeros."""
     scale = float(cfg.diffusion.scale_factor)
     values = {"scale_factor": torch.tensor(scale), "first_stage.logvar": torch.tensor(0.0), "cond.mapping.bias": None,
-              "cond.latent_scale": torch.tensor(scale)}  # separate tensors: safetensors refuses shared ones
+              # the original encodes the masked image with cond_stage_model.encode: unscaled
+              "cond.latent_scale": torch.tensor(1.0 if cfg.conditioning.inpaint_inputs == "original" else scale)}
+    # (separate tensors above: safetensors refuses shared ones)
     return {k: (values[k], reason) for k, reason in rules.FILLS.items()}
 
 

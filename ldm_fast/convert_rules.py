@@ -83,7 +83,8 @@ FILLS = {
     "scale_factor": "the config's scale_factor (the original keeps it as a plain attribute unless scale_by_std)",
     "first_stage.logvar": "0: the KL loss's log-variance; LDM checkpoints leave the loss out; unused at inference",
     "cond.mapping.bias": "0: the original SpatialRescaler's 1x1 channel mapper has no bias",
-    "cond.latent_scale": "the latent scale: inpainting encodes the masked image as it encodes latents",
+    "cond.latent_scale": ("inpainting: 1 for the original convention (its cond_stage_model.encode applies no "
+                          "scale), else the latent scale (the masked image is encoded as latents are)"),
 }
 
 

@@ -555,7 +555,8 @@ def build_conditioner(cfg: Config, model=None, train_captions=None, *, run_dir=N
             concat_ch = z + 1
             known = not (cfg.diffusion.scale_by_std and cfg.autoencoder.kind == "kl")
             parts.append(_InpaintPart(InpaintingConcat(_first_stage_of(model), factor,
-                                                       cfg.diffusion.scale_factor if known else None)))
+                                                       cfg.diffusion.scale_factor if known else None,
+                                                       inputs=cc.inpaint_inputs)))
         if cc.task == "text" or cc.mode == "hybrid":
             enc, tokenizer, trainable = _build_text_encoder(cfg, train_captions, run_dir, strict)
             context_dim = enc.embed_dim
