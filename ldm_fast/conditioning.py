@@ -91,15 +91,19 @@ class ClassEmbedder(nn.Module):
     `unet.num_classes = conditioning.num_classes + 1`.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int):
+    def __init__(self, num_classes: int, embed_dim: int, null_class: bool = True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes: must be positive, got {num_classes}")
-        self.num_classes = num_classes
-        self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+        self.num_classes, self.null_class = num_classes, null_class
+        # null_class=False: the original cin256 v1 table, one row per class and no null row.
+        self.embedding = nn.Embedding(num_classes + int(null_class), embed_dim)
 
     @property
     def null_id(self) -> int:
+        if not self.null_class:
+            raise ValueError(f"this class embedding has {self.num_classes} rows and no null class: "
+                             "classifier-free guidance is not available for it")
         return self.num_classes
 
     def forward(self, labels) -> torch.Tensor:

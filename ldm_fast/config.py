@@ -81,6 +81,7 @@ class ConditioningConfig:
     tokenizer: str = ""                   # local tokenizer.json / vocab.txt; "" = train on the captions
     pretrained_text_encoder: str = ""     # local transformers checkpoint directory (frozen); "" = train τθ
     label_dropout: float = 0.1            # probability of the null condition during training (CFG)
+    null_class: bool = True               # class task: the embedding has a null class (id num_classes) for guidance; the original cin256 v1 has none
     sr_factor: int = 4                    # super-resolution upscaling factor
     degradation: str = "bicubic"          # super-resolution: "bicubic" (LDM-SR) or "bsr" (generic, LDM-BSR)
     layout_grid: int = 32                 # layout: box corners discretised on a grid × grid lattice (grid² position tokens)
@@ -277,6 +278,8 @@ def validate(cfg: Config) -> Config:
     _require(0 < df.linear_start < df.linear_end < 1, "diffusion.linear_start",
              f"need 0 < linear_start < linear_end < 1, got {df.linear_start}, {df.linear_end}")
     _require(df.parameterization in ("eps", "v"), "diffusion.parameterization", f"expected eps|v, got {df.parameterization!r}")
+    _require(cfg.conditioning.null_class or cfg.conditioning.label_dropout == 0, "conditioning.label_dropout",
+             "must be 0 without a null class (conditioning.null_class: false)")
     _require(cfg.conditioning.inpaint_inputs in ("native", "original"), "conditioning.inpaint_inputs",
              f"expected native|original, got {cfg.conditioning.inpaint_inputs!r}")
     spacings = ("linspace", "trailing", "leading", "uniform", "quad")

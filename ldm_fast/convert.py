@@ -224,11 +224,14 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
         return ConditioningConfig(task="unconditional", mode="")
     _refuse_if(key not in ("crossattn", "concat", "hybrid", "adm"), f"conditioning_key {key!r}")
     if target == "ClassEmbedder":
-        # The released ImageNet model's table has n_classes = 1001 rows, the last one the null
-        # class for guidance; ldm_fast's ClassEmbedder counts the real classes and adds that row.
+        # The class count and the null row are settled from the checkpoint's table by
+        # `class_table_from_rows` (the YAML's n_classes defaults to 1000 in the original code).
         n = int(cparams.get("n_classes", 1000))
-        notes.append(f"class embedder: {n} rows = {n - 1} classes + the null class (last row)")
-        return ConditioningConfig(task="class", mode=key, num_classes=n - 1,
+        null = n == IMAGENET_WITH_NULL  # until the checkpoint's table says otherwise
+        notes.append(f"class embedder: n_classes {n} = {n - int(null)} classes"
+                     + (" + the null class (last row)" if null else ", no null class") + " (checked against the "
+                     "checkpoint's table)")
+        return ConditioningConfig(task="class", mode=key, num_classes=n - int(null), null_class=null,
                                   embed_dim=int(cparams.get("embed_dim", unet.context_dim or 512)), label_dropout=0.0)
     if target == "FrozenCLIPEmbedder":
         # The CLIP directory is filled in by convert() once the weights are placed.
@@ -262,6 +265,31 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
 # extra step when the step count does not divide T) and last step (to alphas_cumprod[0]): a
 # converted checkpoint samples as its original scripts did unless the user asks otherwise.
 ORIGINAL_SAMPLING = {"timestep_spacing": "uniform", "steps_offset": 1, "set_alpha_to_one": False}
+
+
+# cin256-v2 (guided) has 1000 ImageNet classes + one null row for classifier-free guidance;
+# cin256 v1 has the 1000 class rows only. The original code knows no null class: the row
+# count is the only record of it.
+IMAGENET_WITH_NULL = 1001
+CLASS_TABLE = "cond_stage_model.embedding.weight"
+
+
+def class_table_from_rows(cfg: Config, src: dict[str, torch.Tensor], notes: list[str]) -> None:
+    """Set conditioning.num_classes / null_class from the rows of the checkpoint's class
+    embedding: 1001 rows = 1000 classes + the null class (last row); any other count = that
+    many classes and no null class (guidance then refuses with a clear error)."""
+    c = cfg.conditioning
+    if c.task != "class" or CLASS_TABLE not in src:
+        return
+    rows = int(src[CLASS_TABLE].shape[0])
+    c.null_class = rows == IMAGENET_WITH_NULL
+    c.num_classes = rows - int(c.null_class)
+    if c.null_class:
+        notes.append(f"class embedder: {rows} rows = {c.num_classes} classes + the null class (last row)")
+    else:
+        c.label_dropout = 0.0
+        notes.append(f"class embedder: {rows} rows = {rows} classes and no null class: classifier-free "
+                     "guidance is not available for this model")
 
 
 def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int | None = None,
@@ -321,7 +349,7 @@ def build_cond_module(cfg: Config, first_stage):
     c = cfg.conditioning
     if c.task == "class" and c.mode in ("crossattn", "hybrid"):
         from ldm_fast.conditioning import ClassEmbedder
-        return ClassEmbedder(c.num_classes, c.embed_dim)
+        return ClassEmbedder(c.num_classes, c.embed_dim, c.null_class)
     if c.task == "semantic":
         from ldm_fast.conditioning import SemanticEncoder
         return SemanticEncoder(c.num_classes, cfg.unet.in_channels - cfg.unet.out_channels, cfg.autoencoder.factor)
@@ -525,6 +553,7 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
 
     if "scale_factor" in src:  # scale_by_std: the measured value was saved as a buffer
         cfg.diffusion.scale_factor = float(src["scale_factor"])
+    class_table_from_rows(cfg, src, notes)
     validate(cfg)
     schedule_checked = check_schedule(src, cfg)
 

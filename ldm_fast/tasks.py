@@ -229,10 +229,11 @@ def _need(batch: dict, key: str, task: str):
 class _ClassPart:
     guided, inputs = True, ("classes",)
 
-    def __init__(self, num_classes: int, embedder: ClassEmbedder | None, device):
+    def __init__(self, num_classes: int, embedder: ClassEmbedder | None, device, null_class: bool = True):
         self.num_classes, self.embedder, self.device = num_classes, embedder, device
         self.module = embedder  # None in adm mode: the UNet's label_emb is the embedding
         self.name = "class"
+        self.guided = null_class  # no null class (cin256 v1): no guidance, no label dropout
 
     def _out(self, labels):
         labels = labels.to(self.device)
@@ -532,9 +533,9 @@ def build_conditioner(cfg: Config, model=None, train_captions=None, *, run_dir=N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
         if cc.task == "class":
-            embedder = ClassEmbedder(cc.num_classes, cc.embed_dim) if cc.mode == "crossattn" else None
+            embedder = ClassEmbedder(cc.num_classes, cc.embed_dim, cc.null_class) if cc.mode == "crossattn" else None
             context_dim = cc.embed_dim if embedder is not None else None
-            parts.append(_ClassPart(cc.num_classes, embedder, device))
+            parts.append(_ClassPart(cc.num_classes, embedder, device, cc.null_class))
         elif cc.task == "layout":
             parts.append(_LayoutPart(LayoutEncoder(cc.num_classes, cc.max_length, cc.embed_dim,
                                                    cc.n_layers, cc.n_heads, grid=cc.layout_grid), device))
@@ -561,7 +562,7 @@ def build_conditioner(cfg: Config, model=None, train_captions=None, *, run_dir=N
             enc, tokenizer, trainable = _build_text_encoder(cfg, train_captions, run_dir, strict)
             context_dim = enc.embed_dim
             parts.append(_TextPart(enc, trainable))
-    _check_unet(cfg, concat_ch, context_dim, cc.num_classes + 1 if cc.mode == "adm" else 0)
+    _check_unet(cfg, concat_ch, context_dim, cc.num_classes + int(cc.null_class) if cc.mode == "adm" else 0)
     for part in parts:
         for m in (getattr(part, "module", None), getattr(part, "encoder", None)):
             if m is not None:

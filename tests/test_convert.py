@@ -638,7 +638,7 @@ def test_equivalence_imagenet_class_conditional(tmp_path):
                              num_head_channels=-1, use_spatial_transformer=True, transformer_depth=1, context_dim=48),
                    first_stage_yaml("vq", (1, 2, 4), 3, n_embed=64),
                    {"target": "ldm.modules.encoders.modules.ClassEmbedder",
-                    "params": {"embed_dim": 48, "key": "class_label", "n_classes": 11}},
+                    "params": {"embed_dim": 48, "key": "class_label", "n_classes": 1001}},
                    conditioning_key="crossattn", cond_stage_key="class_label")
     _, model, cond = build(raw, 30)
     assert isinstance(cond, ClassEmbedder)
@@ -648,8 +648,42 @@ def test_equivalence_imagenet_class_conditional(tmp_path):
     assert torch.equal(cond_state["embedding.weight"], sd["cond_stage_model.embedding.weight"])
     embedder = ClassEmbedder(loaded.cfg.conditioning.num_classes, 48)
     embedder.load_state_dict(cond_state)
-    labels = torch.tensor([3, 10])  # 10 = the null class (last row) of the 11-row table
+    labels = torch.tensor([3, 1000])  # 1000 = the null class (last row) of cin256-v2's 1001-row table
     assert torch.equal(embedder(labels), sd["cond_stage_model.embedding.weight"][labels][:, None])
+    assert loaded.cfg.conditioning.null_class and loaded.cfg.conditioning.num_classes == 1000
+
+
+def test_cin256_v1_class_table_without_null(tmp_path, capsys):
+    """cin256 v1: 1000 rows, no null class (the original ClassEmbedder's default n_classes).
+    Every class converts, class 999 included; guidance refuses with one clear line."""
+    from ldm_fast import sample
+    from ldm_fast.tasks import load_conditioner
+
+    raw = ldm_yaml(unet_yaml(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_heads=1,
+                             num_head_channels=-1, use_spatial_transformer=True, context_dim=16),
+                   first_stage_yaml("vq", (1, 2), 3, n_embed=16, ch=32, resolution=8),
+                   {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                    "params": {"embed_dim": 16, "key": "class_label"}},
+                   conditioning_key="crossattn", cond_stage_key="class_label", image_size=4)
+    _, model, cond = build(raw, 50)
+    assert cond.embedding.weight.shape[0] == 1000
+    sd = to_original_state(model, cond, schedule=original_schedule(1000, 0.0015, 0.0195))
+    path, cfg_path = write(tmp_path, raw, sd)
+    result = convert(path, tmp_path / "run", config_path=cfg_path)
+    c = result.config.conditioning
+    assert (c.num_classes, c.null_class) == (1000, False)
+    assert any("no null class" in n for n in result.notes)
+    loaded, cond_state = load_model(tmp_path / "run")
+    conditioner = load_conditioner(tmp_path / "run", loaded, cond_state)
+    got, uncond = conditioner.encode_inputs(classes=[0, 999])
+    assert uncond is None and not conditioner.supports_guidance
+    assert torch.equal(got["context"][:, 0], sd["cond_stage_model.embedding.weight"][[0, 999]])
+    with pytest.raises(ValueError, match="no null class"):
+        conditioner.parts[0].embedder.null_id
+    code = sample.main(["--ckpt", str(tmp_path / "run"), "--class", "999", "--guidance", "3", "--n", "1",
+                        "--steps", "1", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "guidance" in err and "Traceback" not in err
 
 
 @needs_diffusers
