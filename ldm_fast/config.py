@@ -80,6 +80,7 @@ class ConditioningConfig:
     vocab_size: int = 30522               # text tokenizer vocabulary bound
     tokenizer: str = ""                   # local tokenizer.json / vocab.txt; "" = train on the captions
     pretrained_text_encoder: str = ""     # local transformers checkpoint directory (frozen); "" = train τθ
+    text_encoder: str = "native"          # trained τθ's layout: "native" (TransformerEncoder) or "ldm_bert" (the original LDM text-to-image BERTEmbedder, ldm_bert.py)
     label_dropout: float = 0.1            # probability of the null condition during training (CFG)
     null_class: bool = True               # class task: the embedding has a null class (id num_classes) for guidance; the original cin256 v1 has none
     sr_factor: int = 4                    # super-resolution upscaling factor
@@ -280,6 +281,8 @@ def validate(cfg: Config) -> Config:
     _require(df.parameterization in ("eps", "v"), "diffusion.parameterization", f"expected eps|v, got {df.parameterization!r}")
     _require(cfg.conditioning.null_class or cfg.conditioning.label_dropout == 0, "conditioning.label_dropout",
              "must be 0 without a null class (conditioning.null_class: false)")
+    _require(cfg.conditioning.text_encoder in ("native", "ldm_bert"), "conditioning.text_encoder",
+             f"expected native|ldm_bert, got {cfg.conditioning.text_encoder!r}")
     _require(cfg.conditioning.inpaint_inputs in ("native", "original"), "conditioning.inpaint_inputs",
              f"expected native|original, got {cfg.conditioning.inpaint_inputs!r}")
     spacings = ("linspace", "trailing", "leading", "uniform", "quad")

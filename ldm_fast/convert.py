@@ -240,14 +240,20 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
                                   pretrained_text_encoder=str(Path(clip_dir).resolve()) if clip_dir else "",
                                   label_dropout=0.0)
     if target == "BERTEmbedder":
-        layout = "bbox" in cond_key or "object" in cond_key
-        notes.append(f"cond stage BERTEmbedder (x-transformers layers) has no ldm_fast counterpart: its "
-                     "weights are not converted (needs --no-strict); the run gets the UNet and first stage")
+        layout = "bbox" in cond_key or "object" in cond_key or not cparams.get("use_tokenizer", True)
+        if layout:
+            notes.append("cond stage BERTEmbedder on layout tokens has no ldm_fast counterpart: its weights "
+                         "are not converted (needs --no-strict); the run gets the UNet and first stage")
+        else:  # the text-to-image model: ldm_bert.py is its transformer, BERT's WordPiece its tokenizer
+            notes.append("text encoder: the original BERTEmbedder (ldm_bert.py), tokenised with --tokenizer")
+        _refuse_if(not layout and float(cparams.get("embedding_dropout", 0.0)) != 0.0,
+                   "BERTEmbedder embedding_dropout (training only) other than 0 is not supported")
         return ConditioningConfig(task="layout" if layout else "text", mode=key,
                                   embed_dim=int(cparams.get("n_embed", unet.context_dim or 512)),
-                                  n_layers=int(cparams.get("n_layer", 2)),
+                                  n_layers=int(cparams.get("n_layer", 2)), n_heads=8,  # x-transformers' default
                                   max_length=int(cparams.get("max_seq_len", 77)),
-                                  vocab_size=int(cparams.get("vocab_size", 30522)), label_dropout=0.0)
+                                  vocab_size=int(cparams.get("vocab_size", 30522)), label_dropout=0.0,
+                                  text_encoder="native" if layout else "ldm_bert")
     if target == "Identity" and key == "concat":
         return ConditioningConfig(task="sr", mode="concat", sr_factor=ae.factor, degradation="bsr")
     if target == "SpatialRescaler":
@@ -353,6 +359,9 @@ def build_cond_module(cfg: Config, first_stage):
     if c.task == "semantic":
         from ldm_fast.conditioning import SemanticEncoder
         return SemanticEncoder(c.num_classes, cfg.unet.in_channels - cfg.unet.out_channels, cfg.autoencoder.factor)
+    if c.task == "text" and c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder:
+        from ldm_fast.ldm_bert import LDMBertTextEncoder
+        return LDMBertTextEncoder(None, c.vocab_size, c.max_length, c.embed_dim, c.n_layers, c.n_heads)
     if c.task == "inpaint":
         from ldm_fast.conditioning import InpaintingConcat
         return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor,
@@ -534,8 +543,10 @@ class Result:
 
 
 def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bool = False,
-            clip_dir: str | None = None, strict: bool = True, image_size: int | None = None) -> Result:
-    """Convert an original checkpoint into the run directory `out`; see the module docstring."""
+            clip_dir: str | None = None, strict: bool = True, image_size: int | None = None,
+            tokenizer: str | None = None) -> Result:
+    """Convert an original checkpoint into the run directory `out`; see the module docstring.
+    `tokenizer`: a local BERT vocab.txt (or tokenizer.json) for the LDM text-to-image model."""
     if (config_path is None) == (preset is None):
         raise ConvertError("give exactly one of an original YAML config or a preset name")
     if config_path is not None:
@@ -556,6 +567,7 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
     class_table_from_rows(cfg, src, notes)
     validate(cfg)
     schedule_checked = check_schedule(src, cfg)
+    text_tokenizer = _text_tokenizer(cfg, tokenizer)
 
     from ldm_fast.model import LatentDiffusion
     with torch.device("meta"):  # names, shapes and dtypes only: no memory for an SD-sized model
@@ -587,7 +599,30 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
     has_cond = any(k.startswith("cond_stage_model.") for k in src)
     _write_run(Path(out), cfg, mapping, ema=ema, source=str(ckpt_path),
                cond_converted=cond is not None or clip is not None or not has_cond)
+    if text_tokenizer is not None:
+        from ldm_fast.tasks import TOKENIZER_FILE
+        text_tokenizer.save(Path(out) / TOKENIZER_FILE)
     return Result(Path(out), cfg, mapping, notes)
+
+
+def _text_tokenizer(cfg: Config, path: str | None):
+    """The LDM BERT model's tokenizer (bert-base-uncased's WordPiece vocabulary, which the
+    original downloads at run time; here a local file), checked against the embedding size."""
+    c = cfg.conditioning
+    if not (c.task == "text" and c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder):
+        if path:
+            raise ConvertError("--tokenizer applies to the LDM text-to-image (BERT) model only")
+        return None
+    if not path:
+        raise ConvertError("the LDM text-to-image model tokenises with bert-base-uncased's WordPiece "
+                           "vocabulary: pass --tokenizer PATH/vocab.txt (a local copy; nothing is downloaded)")
+    from ldm_fast.conditioning import load_tokenizer
+    tok = load_tokenizer(path)
+    if tok.vocab_size > c.vocab_size:
+        raise ConvertError(f"--tokenizer {path}: {tok.vocab_size} tokens, more than the text encoder's "
+                           f"{c.vocab_size}-row embedding")
+    c.tokenizer = str(Path(path).resolve())
+    return tok
 
 
 def _place_text_encoder(clip, clip_dir, src, m: Mapping, cfg: Config, out: Path) -> str:
@@ -633,6 +668,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--ema", action="store_true", help="take the UNet from the EMA weights (model_ema.*)")
     p.add_argument("--clip", help="local transformers CLIP checkpoint directory (SD v1 text encoder)")
+    p.add_argument("--tokenizer", help="local BERT vocab.txt (the LDM text-to-image model's tokenizer)")
     p.add_argument("--image-size", type=int, help="latent side (overrides the config's image_size)")
     p.add_argument("--no-strict", action="store_true",
                    help="leave out (and list) source tensors no rule maps, instead of failing")
@@ -643,7 +679,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         result = convert(args.ckpt, args.out, config_path=args.config, preset=args.preset, ema=args.ema,
-                         clip_dir=args.clip, strict=not args.no_strict, image_size=args.image_size)
+                         clip_dir=args.clip, strict=not args.no_strict, image_size=args.image_size,
+                         tokenizer=args.tokenizer)
     except (ConvertError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -498,7 +498,13 @@ def _build_text_encoder(cfg: Config, train_captions, run_dir, strict: bool):
                          "tokenizer.json / vocab.txt, or pass train_captions to train one")
     if saved is not None and not saved.is_file():
         tokenizer.save(saved)
-    enc = TextTransformer(tokenizer, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads, strict)
+    if cc.text_encoder == "ldm_bert":  # a converted LDM text-to-image model's τθ
+        from ldm_fast.ldm_bert import LDMBertTextEncoder
+
+        enc = LDMBertTextEncoder(tokenizer, cc.vocab_size, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads,
+                                 strict)
+    else:
+        enc = TextTransformer(tokenizer, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads, strict)
     return enc, tokenizer, True
 
 
