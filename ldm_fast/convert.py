@@ -3,6 +3,8 @@
     python -m ldm_fast.convert --ckpt model.ckpt --config original.yaml --out runs/celebahq
     python -m ldm_fast.convert --ckpt sd-v1-5.safetensors --config v1-inference.yaml \
         --clip ~/models/clip-vit-large-patch14 --out runs/sd15 --ema
+    python -m ldm_fast.convert --ckpt stable-diffusion-v1-5/ --out runs/sd15      # a diffusers folder
+    python -m ldm_fast.convert --to-diffusers --ckpt runs/sd15 --out sd15-diffusers/
 
 Reads `.safetensors`, or a `.ckpt` through `torch.load(weights_only=True)` (nothing in the file
 is executed; see `load_original`), parses the ORIGINAL YAML (read as plain dicts; nothing of
@@ -15,6 +17,10 @@ Strict by default: every source tensor is used (or named as bookkeeping in the r
 every parameter of our model is filled, else the error lists the missing, unexpected and
 mis-shaped keys. `--no-strict` only lets unexpected source tensors be left out (listed); a
 model with unfilled parameters is never written.
+
+A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) is
+read through `diffusers_folder.py`: its configs become an original-layout config and its
+tensors get the original names, so it goes through the same rules and checks.
 """
 
 from __future__ import annotations
@@ -547,9 +553,24 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
             tokenizer: str | None = None) -> Result:
     """Convert an original checkpoint into the run directory `out`; see the module docstring.
     `tokenizer`: a local BERT vocab.txt (or tokenizer.json) for the LDM text-to-image model."""
-    if (config_path is None) == (preset is None):
+    from ldm_fast import diffusers_folder as dfolder
+
+    folder = dfolder.is_diffusers_folder(ckpt_path)
+    if folder:
+        if config_path is not None or preset is not None or clip_dir:
+            raise ConvertError(f"{ckpt_path} is a diffusers folder: it carries its own configs and text "
+                               "encoder; leave out --config / --preset / --clip")
+        text_dir = Path(out) / "text_encoder"
+        raw, src, sampling = dfolder.read_folder(ckpt_path, text_dir)
+        cfg, notes = config_from_original(raw, clip_dir=str(text_dir), image_size=image_size,
+                                          name=Path(ckpt_path).name)
+        for key, value in sampling.items():  # the folder's scheduler settings are its default grid
+            setattr(cfg.diffusion, key, value)
+        notes.append(f"diffusers folder: text encoder and tokenizer copied to {text_dir}; sampler grid from "
+                     f"its scheduler ({sampling})")
+    elif (config_path is None) == (preset is None):
         raise ConvertError("give exactly one of an original YAML config or a preset name")
-    if config_path is not None:
+    elif config_path is not None:
         cfg, notes = load_original_config(config_path, clip_dir=clip_dir, image_size=image_size)
     else:
         cfg, notes = get_preset(preset), [f"config from preset {preset!r}"]
@@ -560,7 +581,8 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
             setattr(cfg.diffusion, key, value)
         if clip_dir:
             cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
-    src = load_original(ckpt_path)
+    if not folder:
+        src = load_original(ckpt_path)
 
     if "scale_factor" in src:  # scale_by_std: the measured value was saved as a buffer
         cfg.diffusion.scale_factor = float(src["scale_factor"])
@@ -578,6 +600,8 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
         targets.update(ckpt.flatten_state("cond.", cond.state_dict()))
     if cfg.autoencoder.kind == "identity":
         targets = {k: v for k, v in targets.items() if not k.startswith("first_stage.")}
+    if folder:
+        src = dfolder.original_names(src, cfg, targets)
     clip = None
     if clip_dir and any(k.startswith(CLIP_PREFIX) for k in src):
         from ldm_fast.clip_text import FrozenCLIPTextEncoder
@@ -661,8 +685,12 @@ def _write_run(out: Path, cfg: Config, m: Mapping, ema: bool, source: str, cond_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ldm_fast.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="original checkpoint (.ckpt / .safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--ckpt", required=True,
+                   help="original checkpoint (.ckpt / .safetensors), a diffusers folder (model_index.json), or "
+                        "with --to-diffusers a run directory")
+    p.add_argument("--to-diffusers", action="store_true",
+                   help="write the run directory --ckpt as a diffusers StableDiffusionPipeline folder --out")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="the model's ORIGINAL YAML config (latent-diffusion / SD v1)")
     src.add_argument("--preset", help="an ldm_fast preset describing the same architecture")
     p.add_argument("--out", required=True, help="run directory to write")
@@ -677,6 +705,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.to_diffusers:
+        from ldm_fast.diffusers_folder import write_folder
+        try:
+            path = write_folder(args.ckpt, args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {path.resolve()} (diffusers StableDiffusionPipeline folder)")
+        return 0
     try:
         result = convert(args.ckpt, args.out, config_path=args.config, preset=args.preset, ema=args.ema,
                          clip_dir=args.clip, strict=not args.no_strict, image_size=args.image_size,
