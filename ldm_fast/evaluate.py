@@ -5,7 +5,9 @@
   unguided, prompt agreement, box-crop accuracy, mIoU, PSNR/SSIM vs bicubic, masked L1).
 - Unconditional LDM: FD-shapes — the Fréchet distance between samples and held-out images in the features of
   the project's own small network trained on the procedural data (it is *not* FID; FID needs
-  the Inception weights, see ldm_fast.metrics.inception), and precision/recall in those features.
+  the Inception weights, see ldm_fast.metrics.inception), and precision/recall in those features;
+  with `--fid PATH` (or $LDM_FID_INCEPTION) also FID, preprocessed as torch-fidelity does
+  (`--fid-mode` pytorch-fid / clean-fid for the others).
 Prints a table and writes RUN_DIR/eval.json.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import torch
 from ldm_fast import ops
 from ldm_fast.data.build import build_datasets
 from ldm_fast.generate import generate
-from ldm_fast.metrics import FD_NAME, extract, fd_shapes, load_shapes_net, precision_recall, psnr, ssim
+from ldm_fast.metrics import (FD_NAME, FID_DEFAULT_MODE, FID_MODES, extract, fd_shapes, load_shapes_net,
+                              precision_recall, psnr, ssim)
+from ldm_fast.metrics.inception import ENV_VAR as FID_ENV
 from ldm_fast.run import load_config, load_first_stage, load_model
 
 
@@ -38,6 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--kernels", choices=ops.BACKENDS)
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for the task metric")
     p.add_argument("--skip-samples", action="store_true", help="only evaluate the autoencoder")
+    p.add_argument("--fid", metavar="PATH", default=os.environ.get(FID_ENV) or None,
+                   help=f"FID Inception weights (pt_inception-2015-12-05-6726825d.pth; default ${FID_ENV}): "
+                        "adds FID of the samples against the held-out images")
+    p.add_argument("--fid-mode", choices=FID_MODES, default=FID_DEFAULT_MODE,
+                   help="whose resize/normalisation FID uses (default: torch-fidelity, the paper's tool)")
     p.add_argument("--photos", action="store_true",
                    help="super-resolution: also score on the photographs that ship with scikit-image")
     p.add_argument("--sr-guidance", type=float, default=0.0,
@@ -66,14 +76,21 @@ def sample_metrics(model, reference, args) -> dict:
     samples = torch.cat(samples)
     net = load_shapes_net(model.cfg.data.resolution)
     precision, recall = precision_recall(extract(net, reference).features, extract(net, samples).features)
-    return {FD_NAME: fd_shapes(net, samples, reference), "precision": precision, "recall": recall,
-            "sampler": args.sampler, "steps": args.steps}
+    out = {FD_NAME: fd_shapes(net, samples, reference), "precision": precision, "recall": recall,
+           "sampler": args.sampler, "steps": args.steps}
+    if args.fid:
+        from ldm_fast.metrics.inception import fid
+
+        out[f"fid_{args.fid_mode}"] = fid(samples, reference, args.fid, args.fid_mode, device=args.device)
+    return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.ckpt)
+        if args.fid and not Path(args.fid).expanduser().is_file():
+            raise FileNotFoundError(f"--fid {args.fid}: no such Inception weights file")
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
