@@ -262,7 +262,8 @@ class Deployment:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn((n, self.latent_channels, *latent_size), generator=generator).to(self.device)
         z = samplers.sample(sampler, self.denoiser, x, self.schedule, steps=steps, eta=eta, cond=cond,
-                            uncond=uncond, guidance=guidance, generator=generator)
+                            uncond=uncond, guidance=guidance, generator=generator,
+                            **samplers.schedule_defaults(self.cfg, sampler))  # the run's own timestep grid
         images = self.decoder(z).clamp(-1, 1)
         return (images, z) if return_latents else images
 

@@ -1,5 +1,6 @@
 """ldm_fast's samplers against diffusers' schedulers: same model, same initial noise, same
-stochastic draws (one torch.Generator per run), final latents within 1e-5 relative in fp32.
+stochastic draws (one torch.Generator per run), final latents within 1e-5 relative in fp32
+(and in fp64 for the deterministic samplers).
 
 The model is a fixed, nonlinear function of (x, t), so a wrong timestep, a wrong ᾱ or a step
 taken between the wrong grid points changes the result by far more than the tolerance. The
@@ -17,6 +18,8 @@ from ldm_fast import ops, samplers
 from ldm_fast.diffusion import make_schedule
 
 diffusers = pytest.importorskip("diffusers")
+# diffusers' schedulers build numpy arrays from tensors in a way numpy 2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 T = 1000
 SD = dict(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -119,13 +122,14 @@ def test_grid_refuses_past_T(schedule):
 
 # ----------------------------------------------------------------------------- final latents
 
-@pytest.mark.parametrize("steps,eta", [(10, 0.0), (50, 0.0), (20, 0.6)])
-def test_ddim_matches_diffusers(steps, eta, schedule):
-    x = _noise(1)
+@pytest.mark.parametrize("steps,eta,dtype", [(10, 0.0, torch.float32), (50, 0.0, torch.float32),
+                                             (20, 0.6, torch.float32), (10, 0.0, torch.float64)])
+def test_ddim_matches_diffusers(steps, eta, dtype, schedule):
+    x = _noise(1).to(dtype)
     theirs = _run_diffusers(_tables(_ddim(steps, eta), schedule), x, seed=5)
     ours = _run_ours("ddim", x, schedule, 5, steps=steps, eta=eta, spacing="leading", steps_offset=1,
                      set_alpha_to_one=False)
-    assert _rel(ours, theirs) < 1e-5
+    assert ours.dtype == theirs.dtype == dtype and _rel(ours, theirs) < 1e-5
 
 
 @pytest.mark.parametrize("steps", [7, 30])
@@ -154,9 +158,9 @@ def test_final_alpha_matters(schedule):
     assert _rel(to_one, theirs) > 1e-3
 
 
-@pytest.mark.parametrize("steps", [10, 20])
-def test_plms_matches_diffusers_pndm(steps, schedule):
-    x = _noise(4)
+@pytest.mark.parametrize("steps,dtype", [(10, torch.float32), (20, torch.float32), (10, torch.float64)])
+def test_plms_matches_diffusers_pndm(steps, dtype, schedule):
+    x = _noise(4).to(dtype)
     s = diffusers.PNDMScheduler(**SD, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     s.set_timesteps(steps)
     theirs = _run_diffusers(_tables(s, schedule), x, seed=0)
@@ -174,11 +178,11 @@ def test_ddpm_matches_diffusers(steps, offset, schedule):
     assert _rel(ours, theirs) < 1e-5
 
 
-@pytest.mark.parametrize("steps", [10, 20])
-def test_dpmpp_2m_matches_diffusers(steps, schedule):
+@pytest.mark.parametrize("steps,dtype", [(10, torch.float32), (20, torch.float32), (10, torch.float64)])
+def test_dpmpp_2m_matches_diffusers(steps, dtype, schedule):
     """DPM-Solver++(2M), midpoint, first order on the last step (final σ = 0), on diffusers'
     own grid for SD (its "leading": N + 1 points with the 0 dropped)."""
-    x = _noise(6)
+    x = _noise(6).to(dtype)
     s = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", solver_order=2,
                                               timestep_spacing="leading", steps_offset=1)
     s.set_timesteps(steps)
@@ -187,10 +191,13 @@ def test_dpmpp_2m_matches_diffusers(steps, schedule):
     assert _rel(ours, theirs) < 1e-5
 
 
-@pytest.mark.parametrize("name,cls", [("euler", "EulerDiscreteScheduler"),
-                                      ("euler_ancestral", "EulerAncestralDiscreteScheduler")])
-def test_euler_matches_diffusers(name, cls, schedule):
-    x = _noise(7)
+@pytest.mark.parametrize("name,cls,dtype", [("euler", "EulerDiscreteScheduler", torch.float32),
+                                            ("euler", "EulerDiscreteScheduler", torch.float64),
+                                            ("euler_ancestral", "EulerAncestralDiscreteScheduler", torch.float32)])
+def test_euler_matches_diffusers(name, cls, dtype, schedule):
+    """fp64 for the deterministic sampler only: diffusers draws fp64 noise itself, ldm_fast
+    draws fp32 noise (the same stream on every backend) and casts it."""
+    x = _noise(7).to(dtype)
     s = _tables(getattr(diffusers, cls)(**SD, timestep_spacing="leading", steps_offset=1), schedule)
     s.set_timesteps(20)
     theirs = _run_diffusers(s, x, seed=3)
