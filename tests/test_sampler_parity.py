@@ -149,6 +149,21 @@ def test_ddim_original_extra_step(steps, schedule):
     assert _rel(truncated, theirs) > 1e-3  # the diffusers-style grid is another run
 
 
+def test_plms_original_extra_step(schedule):
+    """PLMS on the original's 8-step grid for 7 steps: diffusers' PNDM (its stride T // 7 is
+    the grid's) given that grid in its own PLMS call order — the first timestep, the second
+    twice (the pseudo improved-Euler start), then the rest."""
+    x = _noise(9)
+    s = diffusers.PNDMScheduler(**SD, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(7)
+    grid = samplers.make_timesteps(schedule, 7, "uniform", steps_offset=1)
+    assert len(grid) == 8
+    s.timesteps = torch.tensor([grid[0], grid[1], *grid[1:]])
+    theirs = _run_diffusers(_tables(s, schedule), x, seed=0)
+    ours = _run_ours("plms", x, schedule, 0, steps=7, spacing="uniform", steps_offset=1, set_alpha_to_one=False)
+    assert _rel(ours, theirs) < 1e-5
+
+
 def test_final_alpha_matters(schedule):
     """set_alpha_to_one=False (the original, SD's diffusers config) ends at alphas_cumprod[0];
     True ends at clean data — a visibly different last step."""
