@@ -70,7 +70,7 @@ def make_timesteps(schedule: Schedule, steps: int, spacing: str = "linspace", st
         lam = 0.5 * (ac.log() - torch.log1p(-ac))  # decreasing in t
         targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
         ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).unique().flip(0)
-    else:
+    else:  # OFFSET_SPACINGS: grids from 0 in strides of c, shifted by steps_offset
         c = num_timesteps // steps
         if spacing == "leading":
             ts = torch.arange(steps) * c
