@@ -4,7 +4,8 @@ own code, on random weights loaded into both (nothing is downloaded).
 torch-fidelity's package __init__ imports its CLIP extractor, which needs torchvision; its
 Inception extractor and resize do not, so its modules are imported with that __init__
 bypassed. pytorch-fid's network subclasses torchvision's Inception blocks, so it runs only
-where torchvision does (this CPU machine has no torchvision build for its torch).
+where torchvision does (this CPU machine has no torchvision build for its torch); its input
+code (resize + normalisation) is tested everywhere.
 """
 
 import importlib
@@ -115,6 +116,34 @@ def test_pytorch_fid_network_and_mode(weights, ours, monkeypatch):
     want = theirs(torch.from_numpy(inc.to_uint8(images)).permute(0, 3, 1, 2).float() / 255)[0].flatten(1)
     pool, _ = inc.inception_features(ours, images, mode="pytorch-fid")
     np.testing.assert_allclose(pool, want.double().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_pytorch_fid_preprocessing(ours, monkeypatch):
+    """pytorch-fid's own input code (InceptionV3.forward's resize_input and normalize_input)
+    feeding our network equals the "pytorch-fid" mode. Where torchvision cannot be imported,
+    a placeholder stands in for it while pytorch_fid.inception is imported: only the module's
+    class definitions touch torchvision, never the forward used here."""
+    if importlib.util.find_spec("pytorch_fid") is None:
+        pytest.skip("pytorch-fid not installed (pip install pytorch-fid)")
+    try:
+        importlib.import_module("torchvision")
+    except (ImportError, RuntimeError):
+        tv = types.ModuleType("torchvision")
+        tv.__version__ = "0.0"
+        tv.models = types.SimpleNamespace(inception=types.SimpleNamespace(
+            InceptionA=torch.nn.Module, InceptionC=torch.nn.Module, InceptionE=torch.nn.Module))
+        monkeypatch.setitem(sys.modules, "torchvision", tv)
+        monkeypatch.delitem(sys.modules, "pytorch_fid.inception", raising=False)
+    pf = importlib.import_module("pytorch_fid.inception")
+    wrapper = types.SimpleNamespace(resize_input=True, normalize_input=True, output_blocks=[0],
+                                    last_needed_block=0, blocks=[lambda x: ours.pool3(x)])
+    images = _images()
+    want = pf.InceptionV3.forward(wrapper, torch.from_numpy(inc.to_uint8(images)).permute(0, 3, 1, 2).float() / 255)
+    pool, _ = inc.inception_features(ours, images, mode="pytorch-fid")
+    np.testing.assert_allclose(pool, want[0].double().numpy(), rtol=1e-5, atol=1e-6)
+    if "torchvision" in sys.modules and sys.modules["torchvision"].__version__ == "0.0":
+        sys.modules.pop("pytorch_fid.inception", None)  # built on the placeholder: not for others
 
 
 def test_modes_differ_and_bad_mode():
