@@ -100,3 +100,13 @@ def test_diffusers_folder_refusals(tmp_path, capsys):
     assert "scaled_linear" in err and "Traceback" not in err
     assert main(["--ckpt", str(tmp_path / "pipe"), "--config", "x.yaml", "--out", str(tmp_path / "r2")]) == 2
     assert "diffusers folder" in capsys.readouterr().err
+
+
+def test_non_sd_run_is_refused(tmp_path, capsys):
+    from test_evaluate_fresh import _run_dir
+
+    run = _run_dir(tmp_path / "run")  # the tiny native preset: unconditional, AttentionBlock UNet
+    assert main(["--to-diffusers", "--ckpt", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Stable Diffusion pipeline counterpart" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

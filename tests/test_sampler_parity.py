@@ -248,3 +248,25 @@ def test_schedule_defaults_from_config():
     assert samplers.schedule_defaults(converted, "plms") == {"spacing": "uniform", "steps_offset": 1,
                                                              "set_alpha_to_one": False}
     assert samplers.schedule_defaults(converted, "euler") == {"spacing": "uniform", "steps_offset": 1}
+
+
+def test_generate_uses_the_runs_grid():
+    """generate() on a converted run samples on the original's grid (7 steps → 8 timesteps,
+    last step to alphas_cumprod[0]); an explicit spacing overrides it."""
+    from micro import micro_config
+
+    from ldm_fast.convert import ORIGINAL_SAMPLING
+    from ldm_fast.generate import generate
+    from ldm_fast.model import LatentDiffusion
+
+    cfg = micro_config()
+    for k, v in ORIGINAL_SAMPLING.items():
+        setattr(cfg.diffusion, k, v)
+    torch.manual_seed(0)
+    model = LatentDiffusion(cfg).eval()
+    seen = []
+    generate(model, 1, "ddim", steps=7, callback=lambda d: seen.append(d["t"]))
+    assert seen == samplers.make_timesteps(model.schedule, 7, "uniform", steps_offset=1) and len(seen) == 8
+    seen.clear()
+    generate(model, 1, "ddim", steps=7, spacing="linspace", callback=lambda d: seen.append(d["t"]))
+    assert seen[0] == 999 and seen[-1] == 0 and len(seen) == 7
