@@ -142,7 +142,11 @@ def _unet_params(u: dict) -> dict:
                 "only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False,
                 "time_embedding_type": "positional", "conv_in_kernel": 3, "conv_out_kernel": 3,
                 "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
-                "encoder_hid_dim": None, "time_cond_proj_dim": None, "num_class_embeds": None}
+                "encoder_hid_dim": None, "time_cond_proj_dim": None, "num_class_embeds": None,
+                "downsample_padding": 1, "mid_block_scale_factor": 1, "time_embedding_dim": None,
+                "time_embedding_act_fn": None, "timestep_post_act": None, "attention_type": "default",
+                "cross_attention_norm": None, "class_embeddings_concat": False,
+                "reverse_transformer_layers_per_block": None}
     for key, value in expected.items():
         if key in u and u[key] != value and not (value is False and u[key] is None):
             raise FolderError(f"diffusers folder: unet {key} = {u[key]!r} (ldm_fast reproduces {value!r})")
