@@ -257,15 +257,11 @@ def original_names(src: dict[str, torch.Tensor], cfg, targets: dict[str, torch.T
             out[key] = tensor
             continue
         want = shapes[original]
-        out[original] = tensor.reshape(want) if tensor.numel() == _numel(want) else tensor
+        # Only linear ↔ 1×1 convolution (the VAE attention): any other shape difference stays
+        # and is reported as mis-shaped by the strict check.
+        squeezed = tuple(want[:2]) if len(want) == 4 and tuple(want[2:]) == (1, 1) else None
+        out[original] = tensor.reshape(want) if tuple(tensor.shape) == squeezed else tensor
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _load_weights(part_dir: Path) -> dict[str, torch.Tensor]:
