@@ -18,8 +18,9 @@ every parameter of our model is filled, else the error lists the missing, unexpe
 mis-shaped keys. `--no-strict` only lets unexpected source tensors be left out (listed); a
 model with unfilled parameters is never written.
 
-A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) is
-read through `diffusers_folder.py`: its configs become an original-layout config and its
+A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; or
+the LDM text-to-image pipeline's unet/, vqvae/, bert/, tokenizer/) is read through
+`diffusers_folder.py`: its configs become an original-layout config and its
 tensors get the original names, so it goes through the same rules and checks.
 """
 
@@ -561,13 +562,15 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
             raise ConvertError(f"{ckpt_path} is a diffusers folder: it carries its own configs and text "
                                "encoder; leave out --config / --preset / --clip")
         text_dir = Path(out) / "text_encoder"
-        raw, src, sampling = dfolder.read_folder(ckpt_path, text_dir)
-        cfg, notes = config_from_original(raw, clip_dir=str(text_dir), image_size=image_size,
-                                          name=Path(ckpt_path).name)
+        raw, src, sampling, folder_tokenizer = dfolder.read_folder(ckpt_path, text_dir)
+        cfg, notes = config_from_original(raw, clip_dir=None if folder_tokenizer else str(text_dir),
+                                          image_size=image_size, name=Path(ckpt_path).name)
+        tokenizer = tokenizer or folder_tokenizer
         for key, value in sampling.items():  # the folder's scheduler settings are its default grid
             setattr(cfg.diffusion, key, value)
-        notes.append(f"diffusers folder: text encoder and tokenizer copied to {text_dir}; sampler grid from "
-                     f"its scheduler ({sampling})")
+        notes.append("diffusers folder: " + (f"tokenizer from {folder_tokenizer}" if folder_tokenizer else
+                                             f"text encoder and tokenizer copied to {text_dir}")
+                     + f"; sampler grid from its scheduler ({sampling})")
     elif (config_path is None) == (preset is None):
         raise ConvertError("give exactly one of an original YAML config or a preset name")
     elif config_path is not None:

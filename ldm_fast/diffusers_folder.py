@@ -1,11 +1,13 @@
-"""Stable Diffusion v1-style diffusers folders (model_index.json, unet/, vae/, text_encoder/,
-tokenizer/, scheduler/) ↔ ldm_fast run directories.
+"""diffusers folders ↔ ldm_fast run directories: Stable Diffusion v1-style folders
+(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) both ways, and the LDM
+text-to-image model's (unet/, vqvae/, bert/, tokenizer/, scheduler/; LDMTextToImagePipeline) in.
 
 Reading: the folder's configs become an original-layout config (the dict an LDM YAML parses
 to) and its tensors are renamed to the original checkpoint's names, so `convert.convert`
 handles a folder exactly as it handles a `.ckpt` — same rule table, same strict checks. The
 CLIP text encoder and tokenizer are copied into RUN_DIR/text_encoder (one transformers
-directory), which the run then uses as its frozen text encoder.
+directory), which the run then uses as its frozen text encoder; the LDM BERT's tensors are
+renamed to the original's cond_stage_model.transformer.* and its tokenizer read from the folder.
 
 Writing: a run of that layout (KL first stage, SpatialTransformer UNet, CLIP text encoder)
 becomes a folder `diffusers.StableDiffusionPipeline.from_pretrained` loads: configs written as
@@ -27,7 +29,7 @@ import torch
 
 from ldm_fast import convert_rules as rules
 
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 SPACINGS = ("linspace", "leading", "trailing")  # the timestep_spacing values diffusers knows
 
@@ -202,37 +204,95 @@ def _schedule_params(s: dict) -> tuple[dict, dict]:
     return params, sampling
 
 
-def read_folder(folder, text_dir) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(original-layout config dict, tensors under original names, sampling defaults) of a
-    diffusers folder; the CLIP text encoder and its tokenizer are copied into `text_dir`."""
+# The folder layouts read: diffusers' StableDiffusionPipeline, and LDMTextToImagePipeline (the
+# LDM text-to-image model, CompVis/ldm-text2im-large-256): part → accepted class names.
+LAYOUTS = {
+    "stable-diffusion": {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
+                         "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")},
+    "ldm-text2im": {"unet": ("UNet2DConditionModel",), "vqvae": ("AutoencoderKL",), "bert": ("LDMBertModel",),
+                    "tokenizer": ("BertTokenizer", "BertTokenizerFast")},
+}
+
+
+def _layout(index: dict) -> str:
+    for name, parts in LAYOUTS.items():
+        if all((index.get(part) or [None, None])[1] in classes for part, classes in parts.items()):
+            return name
+    found = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2}
+    raise FolderError(f"diffusers folder: components {found} match no layout ldm_fast reads "
+                      f"({', '.join(f'{n}: {sorted(p)}' for n, p in LAYOUTS.items())})")
+
+
+def _bert_params(b: dict) -> dict:
+    """LDMBertModel config → the original BERTEmbedder params (x-transformers: 8 heads of 64,
+    4× feed-forward, GELU)."""
+    d = int(b["d_model"])
+    _need(int(b.get("encoder_attention_heads", 8)) == 8 and int(b.get("head_dim", 64)) == 64,
+          "LDM BERT attention other than 8 heads of 64 (the original BERTEmbedder's)")
+    _need(int(b.get("encoder_ffn_dim", 4 * d)) == 4 * d and b.get("activation_function", "gelu") == "gelu"
+          and not b.get("scale_embedding", False), "LDM BERT feed-forward / embedding variant")
+    return {"n_embed": d, "n_layer": int(b["encoder_layers"]), "vocab_size": int(b["vocab_size"]),
+            "max_seq_len": int(b.get("max_position_embeddings", 77))}
+
+
+_BERT_LAYER = {"self_attn_layer_norm": (0, "0"), "self_attn.q_proj": (0, "1.to_q"), "self_attn.k_proj": (0, "1.to_k"),
+               "self_attn.v_proj": (0, "1.to_v"), "self_attn.out_proj": (0, "1.to_out"),
+               "final_layer_norm": (1, "0"), "fc1": (1, "1.net.0.0"), "fc2": (1, "1.net.2")}
+
+
+def _bert_original_name(name: str) -> str:
+    """An LDMBertModel tensor name → the original's (cond_stage_model.transformer.*)."""
+    fixed = {"model.embed_tokens.weight": "token_emb.weight", "model.embed_positions.weight": "pos_emb.emb.weight"}
+    if name in fixed:
+        return TEXT + fixed[name]
+    if name.startswith(("model.layer_norm.", "to_logits.")):
+        return TEXT + name.replace("model.layer_norm.", "norm.")
+    m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if m and m.group(2) in _BERT_LAYER:
+        half, sub = _BERT_LAYER[m.group(2)]
+        return f"{TEXT}attn_layers.layers.{2 * int(m.group(1)) + half}.{sub}.{m.group(3)}"
+    return f"diffusers:bert:{name}"  # reported by the strict check
+
+
+def read_folder(folder, text_dir) -> tuple[dict, dict[str, torch.Tensor], dict, str | None]:
+    """(original-layout config dict, tensors — the UNet's and VAE's under `diffusers:` names
+    that `original_names` resolves, the LDM BERT's under original names —, sampling defaults,
+    the tokenizer directory for the LDM BERT or None) of a diffusers folder. A Stable Diffusion
+    folder's CLIP text encoder and tokenizer are copied into `text_dir`."""
     folder = Path(folder)
-    index = _json(folder / "model_index.json")
-    for part, want in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL"),
-                       ("text_encoder", "CLIPTextModel"), ("tokenizer", "CLIPTokenizer")):
-        got = (index.get(part) or [None, None])[1]
-        _need(got == want or (part == "tokenizer" and got == "CLIPTokenizerFast"),
-              f"{part} is {got!r}; ldm_fast reads Stable Diffusion v1-style folders ({want})")
+    layout = _layout(_json(folder / "model_index.json"))
+    vae_part = "vae" if layout == "stable-diffusion" else "vqvae"
     unet_params = _unet_params(_json(folder / "unet" / "config.json"))
-    vae_cfg = _json(folder / "vae" / "config.json")
+    vae_cfg = _json(folder / vae_part / "config.json")
     schedule, sampling = _schedule_params(_json(folder / "scheduler" / "scheduler_config.json"))
-    text_cfg = _json(folder / "text_encoder" / "config.json")
+    if layout == "stable-diffusion":
+        text_cfg = _json(folder / "text_encoder" / "config.json")
+        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                "params": {"max_length": int(text_cfg.get("max_position_embeddings", 77))}}
+    else:
+        cond = {"target": "ldm.modules.encoders.modules.BERTEmbedder",
+                "params": _bert_params(_json(folder / "bert" / "config.json"))}
     raw = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
         **schedule, "image_size": unet_params["image_size"], "channels": unet_params["out_channels"],
-        "conditioning_key": "crossattn", "scale_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
+        "conditioning_key": "crossattn", "cond_stage_key": "caption",
+        "scale_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
         "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": _vae_params(vae_cfg)},
-        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-                              "params": {"max_length": int(text_cfg.get("max_position_embeddings", 77))}}}}}
-    # The text encoder is not renamed: the run uses the copied transformers directory itself.
-    src = {f"diffusers:{part}:{name}": tensor  # renamed by `original_names` once the layout is known
-           for part in ("unet", "vae") for name, tensor in _load_weights(folder / part).items()}
+        "cond_stage_config": cond}}}
+    # renamed by `original_names` once the model's layout is known
+    src = {f"diffusers:{part}:{name}": tensor for part, sub in (("unet", "unet"), ("vae", vae_part))
+           for name, tensor in _load_weights(folder / sub).items()}
+    if layout == "ldm-text2im":
+        src.update({_bert_original_name(k): v for k, v in _load_weights(folder / "bert").items()})
+        return raw, src, sampling, str(folder / "tokenizer")
+    # The CLIP text encoder is not renamed: the run uses the copied transformers directory.
     text_dir = Path(text_dir)
     text_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("text_encoder", "tokenizer"):
         for f in (folder / sub).iterdir():
             if f.is_file():
                 shutil.copy2(f, text_dir / f.name)
-    return raw, src, sampling
+    return raw, src, sampling, None
 
 
 def original_names(src: dict[str, torch.Tensor], cfg, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

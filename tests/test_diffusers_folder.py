@@ -110,3 +110,35 @@ def test_non_sd_run_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Stable Diffusion pipeline counterpart" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ldm_text_to_image_folder(tmp_path):
+    """The LDM text-to-image layout (LDMTextToImagePipeline: unet/, vqvae/, bert/, tokenizer/)
+    converts: the BERT becomes ldm_bert.py's with the folder's WordPiece tokenizer."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from test_ldm_bert import write_vocab
+
+    write_vocab(tmp_path / "vocab.txt")
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(tmp_path))
+    bert = _randomize(LDMBertModel(LDMBertConfig(vocab_size=24, max_position_embeddings=9, encoder_layers=2,
+                                                 encoder_ffn_dim=4 * 64, encoder_attention_heads=8, head_dim=64,
+                                                 d_model=64, dropout=0.0)), 7)
+    pipe = tiny_pipeline(tmp_path)
+    ldm = diffusers.LDMTextToImagePipeline(vqvae=pipe.vae, bert=bert, tokenizer=tokenizer, unet=pipe.unet,
+                                           scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear",
+                                                                             beta_start=0.00085, beta_end=0.012))
+    ldm.save_pretrained(str(tmp_path / "ldm"))
+    result = convert(tmp_path / "ldm", tmp_path / "run")
+    assert not result.mapping.unexpected and sorted(result.mapping.ignored) == [
+        "cond_stage_model.transformer.to_logits.bias", "cond_stage_model.transformer.to_logits.weight"]
+    model, cond_state = load_model(tmp_path / "run")
+    assert model.cfg.conditioning.text_encoder == "ldm_bert"
+    conditioner = load_conditioner(tmp_path / "run", model, cond_state)
+    prompts = ["a photo of a cat", ""]
+    with torch.no_grad():
+        ours = conditioner.encode_inputs(prompts=prompts)[0]["context"]
+        ids = tokenizer(prompts, padding="max_length", max_length=9, truncation=True, return_tensors="pt").input_ids
+        torch.testing.assert_close(ours, bert(ids).last_hidden_state, rtol=1e-4, atol=1e-5)
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 800])
+        torch.testing.assert_close(model.unet(x, t, context=ours), pipe.unet(x, t, encoder_hidden_states=ours).sample,
+                                   rtol=1e-4, atol=1e-5)
