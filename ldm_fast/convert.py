@@ -348,6 +348,23 @@ def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int
     return cfg, notes
 
 
+def preset_config(preset: str, image_size: int | None = None, clip_dir: str | None = None) -> Config:
+    """An ldm_fast preset describing an original checkpoint's architecture, set up as that
+    checkpoint was trained and sampled: its fixed scale, the original's timestep grid and, for
+    inpainting, the original's input convention."""
+    cfg = get_preset(preset)
+    if image_size is not None:
+        cfg.data.resolution = image_size * cfg.autoencoder.factor
+    cfg.diffusion.scale_by_std = False
+    for key, value in ORIGINAL_SAMPLING.items():
+        setattr(cfg.diffusion, key, value)
+    if cfg.conditioning.task == "inpaint":
+        cfg.conditioning.inpaint_inputs = "original"
+    if clip_dir:
+        cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
+    return cfg
+
+
 def load_original_config(path, clip_dir=None, image_size=None) -> tuple[Config, list[str]]:
     raw = yaml.safe_load(Path(path).read_text())
     return config_from_original(raw, clip_dir=clip_dir, image_size=image_size, name=Path(path).stem)
@@ -576,14 +593,7 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
     elif config_path is not None:
         cfg, notes = load_original_config(config_path, clip_dir=clip_dir, image_size=image_size)
     else:
-        cfg, notes = get_preset(preset), [f"config from preset {preset!r}"]
-        if image_size is not None:
-            cfg.data.resolution = image_size * cfg.autoencoder.factor
-        cfg.diffusion.scale_by_std = False
-        for key, value in ORIGINAL_SAMPLING.items():
-            setattr(cfg.diffusion, key, value)
-        if clip_dir:
-            cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
+        cfg, notes = preset_config(preset, image_size, clip_dir), [f"config from preset {preset!r}"]
     if not folder:
         src = load_original(ckpt_path)
 

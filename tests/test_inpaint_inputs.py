@@ -94,3 +94,14 @@ def test_convention_from_config_and_conversion():
     assert cfg.conditioning.task == "inpaint" and cfg.conditioning.inpaint_inputs == "original"
     assert (cfg.diffusion.timestep_spacing, cfg.diffusion.steps_offset, cfg.diffusion.set_alpha_to_one) == \
         ("uniform", 1, False)
+
+
+
+def test_preset_conversion_uses_the_original_convention():
+    """`convert --preset inpaint-ldm-vq-4` converts an original checkpoint: the original's inputs."""
+    from ldm_fast.config import get_preset
+    from ldm_fast.convert import preset_config
+
+    assert get_preset("inpaint-ldm-vq-4").conditioning.inpaint_inputs == "native"
+    cfg = preset_config("inpaint-ldm-vq-4")
+    assert cfg.conditioning.inpaint_inputs == "original" and cfg.diffusion.timestep_spacing == "uniform"
