@@ -680,6 +680,8 @@ def test_cin256_v1_class_table_without_null(tmp_path, capsys):
     assert torch.equal(got["context"][:, 0], sd["cond_stage_model.embedding.weight"][[0, 999]])
     with pytest.raises(ValueError, match="no null class"):
         conditioner.parts[0].embedder.null_id
+    from ldm_fast.export.onnx_export import cond_encoder_graph
+    assert cond_encoder_graph(conditioner.module, loaded.cfg)[1].info["null_id"] is None  # exportable
     code = sample.main(["--ckpt", str(tmp_path / "run"), "--class", "999", "--guidance", "3", "--n", "1",
                         "--steps", "1", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
     err = capsys.readouterr().err
