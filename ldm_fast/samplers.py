@@ -176,8 +176,13 @@ def sample_ddpm(model, x, schedule: Schedule, steps: int | None = None, cond=Non
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) with σ_t² = β̃_t, the posterior
     variance; steps < T samples the respaced chain (Nichol & Dhariwal 2021, §4). This is DDIM
     with η = 1, which the tests check against the posterior formula. The last step always
-    ends at clean data (the posterior at t = 0 is x0 itself, in the original and diffusers)."""
-    return sample_ddim(model, x, schedule, steps=steps or schedule.num_timesteps, eta=1.0, cond=cond,
+    ends at clean data (the posterior at t = 0 is x0 itself, in the original and diffusers).
+    steps = T (the default) is the full chain T − 1 … 0 whatever the spacing asks, as the
+    original's p_sample_loop runs it."""
+    steps = steps or schedule.num_timesteps
+    if steps == schedule.num_timesteps and timesteps is None:
+        spacing, steps_offset = "linspace", 0
+    return sample_ddim(model, x, schedule, steps=steps, eta=1.0, cond=cond,
                        uncond=uncond, guidance=guidance, generator=generator, callback=callback,
                        disable_progress=disable_progress, timesteps=timesteps, spacing=spacing,
                        steps_offset=steps_offset, set_alpha_to_one=True)

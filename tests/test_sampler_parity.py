@@ -270,3 +270,13 @@ def test_generate_uses_the_runs_grid():
     seen.clear()
     generate(model, 1, "ddim", steps=7, spacing="linspace", callback=lambda d: seen.append(d["t"]))
     assert seen[0] == 999 and seen[-1] == 0 and len(seen) == 7
+
+
+def test_ddpm_full_chain_on_a_converted_run(schedule):
+    """DDPM with steps = T is the full chain whatever the grid settings (the original's
+    p_sample_loop), so a converted run's uniform/offset defaults do not push it past T − 1."""
+    seen = []
+    model = lambda x, t, cond: toy_model(x, t)  # noqa: E731
+    samplers.sample("ddpm", model, _noise(10)[:1], schedule, spacing="uniform", steps_offset=1,
+                    generator=torch.Generator().manual_seed(0), callback=lambda d: seen.append(d["t"]))
+    assert seen == list(range(T - 1, -1, -1))
