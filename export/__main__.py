@@ -71,7 +71,8 @@ def conditioning_record(cfg, cond_module) -> dict:
     cc = cfg.conditioning
     rec = {"task": cc.task, "mode": cc.mode, "num_classes": cc.num_classes, "max_length": cc.max_length,
            "embed_dim": cc.embed_dim, "sr_factor": cc.sr_factor, "factor": cfg.autoencoder.factor,
-           "tokenizer": None, "exported_encoder": type(cond_module).__name__ if cond_module is not None else None}
+           "tokenizer": None, "exported_encoder": type(cond_module).__name__ if cond_module is not None else None,
+           "null_class": cc.null_class}
     if cond_module is not None and hasattr(cond_module, "grid"):
         rec["grid"] = cond_module.grid
     return rec

@@ -246,7 +246,8 @@ def cond_encoder_graph(module: nn.Module, cfg: Config, precision: str = "fp32") 
         d = module.embedding.embedding_dim
         spec = GraphSpec("cond_encoder", [TensorSpec("class_labels", "int64", ["batch"])],
                          [TensorSpec("context", dt, ["batch", 1, d])],
-                         {"kind": "class", "num_classes": module.num_classes, "null_id": module.null_id})
+                         {"kind": "class", "num_classes": module.num_classes,
+                          "null_id": module.null_id if module.null_class else None})  # cin256 v1: no null row
         return ClassEncoderGraph(module), spec
     if isinstance(module, (C.TextTransformer, C.LayoutEncoder)):
         tr = module.transformer

@@ -38,7 +38,7 @@ def add_sampling_args(p, *, inputs: bool = True, outputs: bool = True, n_default
 
     from ldm_fast import ops
     from ldm_fast.pipeline import SamplingDefaults
-    from ldm_fast.samplers import SAMPLERS
+    from ldm_fast.samplers import SAMPLERS, SPACINGS
 
     d = SamplingDefaults()
     g = p.add_argument_group("sampling")
@@ -49,6 +49,8 @@ def add_sampling_args(p, *, inputs: bool = True, outputs: bool = True, n_default
     g.add_argument("--sampler", choices=sorted(SAMPLERS), help=f"default {d.sampler}")
     g.add_argument("--steps", type=int, help=f"sampler steps (default {d.steps})")
     g.add_argument("--eta", type=float, help=f"DDIM stochasticity (default {d.eta}: deterministic)")
+    g.add_argument("--spacing", choices=SPACINGS,
+                   help="timestep grid (default: the run's config; a converted checkpoint: its original's)")
     g.add_argument("--guidance", type=float,
                    help=f"classifier-free guidance scale (default {d.guidance} where the task has a null "
                         "condition; 1 = off)")
@@ -143,7 +145,7 @@ def sampling_kwargs(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     out = {"n": args.n, "seed": args.seed, "sampler": args.sampler, "steps": args.steps, "eta": args.eta,
            "guidance": args.guidance, "batch_size": args.batch_size, "progress": not args.no_progress}
-    for name in ("height", "width", "tile", "sr_guidance"):
+    for name in ("height", "width", "tile", "sr_guidance", "spacing"):
         if getattr(args, name, None):
             out[name] = getattr(args, name)
     return out

@@ -91,15 +91,19 @@ class ClassEmbedder(nn.Module):
     `unet.num_classes = conditioning.num_classes + 1`.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int):
+    def __init__(self, num_classes: int, embed_dim: int, null_class: bool = True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes: must be positive, got {num_classes}")
-        self.num_classes = num_classes
-        self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+        self.num_classes, self.null_class = num_classes, null_class
+        # null_class=False: the original cin256 v1 table, one row per class and no null row.
+        self.embedding = nn.Embedding(num_classes + int(null_class), embed_dim)
 
     @property
     def null_id(self) -> int:
+        if not self.null_class:
+            raise ValueError(f"this class embedding has {self.num_classes} rows and no null class: "
+                             "classifier-free guidance is not available for it")
         return self.num_classes
 
     def forward(self, labels) -> torch.Tensor:
@@ -610,9 +614,18 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(mask, size)
 
 
+INPAINT_INPUTS = ("native", "original")
+
+
 class InpaintingConcat(nn.Module):
     """The LDM inpainting concat input: [E(masked image) · scale, mask on the latent grid],
-    z_channels + 1 channels. The masked image has the pixels to fill set to 0 (data/masks.py).
+    z_channels + 1 channels. Two input conventions (`inputs`), fixed by what the UNet was
+    trained on:
+    - "native" (models trained here): the masked image has the pixels to fill at 0 (mid-grey,
+      data/masks.py), the mask is {0, 1} resized by area averaging (`resize_mask`);
+    - "original" (the CompVis inpainting model, scripts/inpaint.py): mask binarised at 0.5,
+      masked image and mask both taken through ×2 − 1 from [0, 1] — holes at −1, the mask as
+      ±1 — and the mask resized to the latent grid by nearest-neighbour sampling.
 
     No trainable parameters; the buffer `latent_scale` (saved with the conditioner) scales the
     encoded masked image like the UNet's latents: the configured scale factor, or — for KL
@@ -621,10 +634,12 @@ class InpaintingConcat(nn.Module):
     weights stay out of the conditioner's state.
     """
 
-    def __init__(self, first_stage: nn.Module, factor: int, scale: float | None = None):
+    def __init__(self, first_stage: nn.Module, factor: int, scale: float | None = None, inputs: str = "native"):
         super().__init__()
+        if inputs not in INPAINT_INPUTS:
+            raise ValueError(f"inpainting inputs: expected one of {INPAINT_INPUTS}, got {inputs!r}")
         self._first_stage = (first_stage,)
-        self.factor = factor
+        self.factor, self.inputs = factor, inputs
         self.register_buffer("latent_scale", torch.tensor(float("nan") if scale is None else float(scale)))
 
     @property
@@ -663,5 +678,13 @@ class InpaintingConcat(nn.Module):
                                "images, or load the conditioner state saved with the run")
         size = _latent_grid(*masked_image.shape[-2:], self.factor, "inpainting image")
         device = self.latent_scale.device
-        z = self.first_stage.encode_latent(masked_image.to(device), sample=False) * self.latent_scale
-        return torch.cat([z, resize_mask(mask.to(device, z.dtype), size)], dim=1)
+        masked_image, mask = masked_image.to(device), mask.to(device, masked_image.dtype)
+        if self.inputs == "original":
+            # From the native masked image (1 − m)·x: with m binary, holes → −1 is the original's
+            # ((1 − m)·(x + 1)/2)·2 − 1, and the kept pixels are x either way.
+            mask = (mask >= 0.5).to(masked_image.dtype)
+            masked_image = torch.where(mask.bool(), -1.0, masked_image)
+        z = self.first_stage.encode_latent(masked_image, sample=False) * self.latent_scale
+        if self.inputs == "original":
+            return torch.cat([z, F.interpolate(mask * 2 - 1, size=size, mode="nearest").to(z.dtype)], dim=1)
+        return torch.cat([z, resize_mask(mask.to(z.dtype), size)], dim=1)

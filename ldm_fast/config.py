@@ -80,10 +80,13 @@ class ConditioningConfig:
     vocab_size: int = 30522               # text tokenizer vocabulary bound
     tokenizer: str = ""                   # local tokenizer.json / vocab.txt; "" = train on the captions
     pretrained_text_encoder: str = ""     # local transformers checkpoint directory (frozen); "" = train τθ
+    text_encoder: str = "native"          # trained τθ's layout: "native" (TransformerEncoder) or "ldm_bert" (the original LDM text-to-image BERTEmbedder, ldm_bert.py)
     label_dropout: float = 0.1            # probability of the null condition during training (CFG)
+    null_class: bool = True               # class task: the embedding has a null class (id num_classes) for guidance; the original cin256 v1 has none
     sr_factor: int = 4                    # super-resolution upscaling factor
     degradation: str = "bicubic"          # super-resolution: "bicubic" (LDM-SR) or "bsr" (generic, LDM-BSR)
     layout_grid: int = 32                 # layout: box corners discretised on a grid × grid lattice (grid² position tokens)
+    inpaint_inputs: str = "native"        # inpainting input convention: "native" (holes 0, {0,1} mask area-resized) or "original" (CompVis: holes -1, mask ±1, nearest resize)
 
 
 @dataclass
@@ -96,6 +99,13 @@ class DiffusionConfig:
     loss: str = "l2"                      # "l2" or "l1"
     scale_by_std: bool = True             # KL latents: rescale by 1/std measured on the first stage-2 batch
     scale_factor: float = 1.0             # latent scale (set by scale_by_std, or fixed, e.g. 0.18215)
+    # Default sampler timestep grid (samplers.schedule_defaults). Native runs: "linspace" from
+    # T-1 to 0, ending at clean data. Converted original checkpoints: "uniform", 1, False —
+    # the CompVis DDIM/PLMS grid c*k+1 and its last step to alphas_cumprod[0], so the same
+    # noise gives the original scripts' images.
+    timestep_spacing: str = "linspace"    # linspace | trailing | leading | uniform | quad (samplers.SPACINGS)
+    steps_offset: int = 0                 # added to the leading/uniform/quad grids (the original: 1)
+    set_alpha_to_one: bool = True         # DDIM/PLMS end at alpha_bar = 1; False: at alphas_cumprod[0]
 
 
 @dataclass
@@ -269,6 +279,16 @@ def validate(cfg: Config) -> Config:
     _require(0 < df.linear_start < df.linear_end < 1, "diffusion.linear_start",
              f"need 0 < linear_start < linear_end < 1, got {df.linear_start}, {df.linear_end}")
     _require(df.parameterization in ("eps", "v"), "diffusion.parameterization", f"expected eps|v, got {df.parameterization!r}")
+    _require(cfg.conditioning.null_class or cfg.conditioning.label_dropout == 0, "conditioning.label_dropout",
+             "must be 0 without a null class (conditioning.null_class: false)")
+    _require(cfg.conditioning.text_encoder in ("native", "ldm_bert"), "conditioning.text_encoder",
+             f"expected native|ldm_bert, got {cfg.conditioning.text_encoder!r}")
+    _require(cfg.conditioning.inpaint_inputs in ("native", "original"), "conditioning.inpaint_inputs",
+             f"expected native|original, got {cfg.conditioning.inpaint_inputs!r}")
+    spacings = ("linspace", "trailing", "leading", "uniform", "quad")
+    _require(df.timestep_spacing in spacings, "diffusion.timestep_spacing",
+             f"expected one of {'|'.join(spacings)}, got {df.timestep_spacing!r}")
+    _require(df.steps_offset >= 0, "diffusion.steps_offset", f"must be ≥ 0, got {df.steps_offset}")
     _require(df.loss in ("l1", "l2"), "diffusion.loss", f"expected l1|l2, got {df.loss!r}")
     _require(df.scale_factor > 0, "diffusion.scale_factor", "must be positive")
     _require(cond.layout_grid >= 2, "conditioning.layout_grid", f"must be >= 2, got {cond.layout_grid}")

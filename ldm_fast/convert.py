@@ -3,6 +3,8 @@
     python -m ldm_fast.convert --ckpt model.ckpt --config original.yaml --out runs/celebahq
     python -m ldm_fast.convert --ckpt sd-v1-5.safetensors --config v1-inference.yaml \
         --clip ~/models/clip-vit-large-patch14 --out runs/sd15 --ema
+    python -m ldm_fast.convert --ckpt stable-diffusion-v1-5/ --out runs/sd15      # a diffusers folder
+    python -m ldm_fast.convert --to-diffusers --ckpt runs/sd15 --out sd15-diffusers/
 
 Reads `.safetensors`, or a `.ckpt` through `torch.load(weights_only=True)` (nothing in the file
 is executed; see `load_original`), parses the ORIGINAL YAML (read as plain dicts; nothing of
@@ -15,6 +17,11 @@ Strict by default: every source tensor is used (or named as bookkeeping in the r
 every parameter of our model is filled, else the error lists the missing, unexpected and
 mis-shaped keys. `--no-strict` only lets unexpected source tensors be left out (listed); a
 model with unfilled parameters is never written.
+
+A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; or
+the LDM text-to-image pipeline's unet/, vqvae/, bert/, tokenizer/) is read through
+`diffusers_folder.py`: its configs become an original-layout config and its
+tensors get the original names, so it goes through the same rules and checks.
 """
 
 from __future__ import annotations
@@ -224,11 +231,14 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
         return ConditioningConfig(task="unconditional", mode="")
     _refuse_if(key not in ("crossattn", "concat", "hybrid", "adm"), f"conditioning_key {key!r}")
     if target == "ClassEmbedder":
-        # The released ImageNet model's table has n_classes = 1001 rows, the last one the null
-        # class for guidance; ldm_fast's ClassEmbedder counts the real classes and adds that row.
+        # The class count and the null row are settled from the checkpoint's table by
+        # `class_table_from_rows` (the YAML's n_classes defaults to 1000 in the original code).
         n = int(cparams.get("n_classes", 1000))
-        notes.append(f"class embedder: {n} rows = {n - 1} classes + the null class (last row)")
-        return ConditioningConfig(task="class", mode=key, num_classes=n - 1,
+        null = n == IMAGENET_WITH_NULL  # until the checkpoint's table says otherwise
+        notes.append(f"class embedder: n_classes {n} = {n - int(null)} classes"
+                     + (" + the null class (last row)" if null else ", no null class") + " (checked against the "
+                     "checkpoint's table)")
+        return ConditioningConfig(task="class", mode=key, num_classes=n - int(null), null_class=null,
                                   embed_dim=int(cparams.get("embed_dim", unet.context_dim or 512)), label_dropout=0.0)
     if target == "FrozenCLIPEmbedder":
         # The CLIP directory is filled in by convert() once the weights are placed.
@@ -237,14 +247,20 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
                                   pretrained_text_encoder=str(Path(clip_dir).resolve()) if clip_dir else "",
                                   label_dropout=0.0)
     if target == "BERTEmbedder":
-        layout = "bbox" in cond_key or "object" in cond_key
-        notes.append(f"cond stage BERTEmbedder (x-transformers layers) has no ldm_fast counterpart: its "
-                     "weights are not converted (needs --no-strict); the run gets the UNet and first stage")
+        layout = "bbox" in cond_key or "object" in cond_key or not cparams.get("use_tokenizer", True)
+        if layout:
+            notes.append("cond stage BERTEmbedder on layout tokens has no ldm_fast counterpart: its weights "
+                         "are not converted (needs --no-strict); the run gets the UNet and first stage")
+        else:  # the text-to-image model: ldm_bert.py is its transformer, BERT's WordPiece its tokenizer
+            notes.append("text encoder: the original BERTEmbedder (ldm_bert.py), tokenised with --tokenizer")
+        _refuse_if(not layout and float(cparams.get("embedding_dropout", 0.0)) != 0.0,
+                   "BERTEmbedder embedding_dropout (training only) other than 0 is not supported")
         return ConditioningConfig(task="layout" if layout else "text", mode=key,
                                   embed_dim=int(cparams.get("n_embed", unet.context_dim or 512)),
-                                  n_layers=int(cparams.get("n_layer", 2)),
+                                  n_layers=int(cparams.get("n_layer", 2)), n_heads=8,  # x-transformers' default
                                   max_length=int(cparams.get("max_seq_len", 77)),
-                                  vocab_size=int(cparams.get("vocab_size", 30522)), label_dropout=0.0)
+                                  vocab_size=int(cparams.get("vocab_size", 30522)), label_dropout=0.0,
+                                  text_encoder="native" if layout else "ldm_bert")
     if target == "Identity" and key == "concat":
         return ConditioningConfig(task="sr", mode="concat", sr_factor=ae.factor, degradation="bsr")
     if target == "SpatialRescaler":
@@ -253,8 +269,40 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
                    "a SpatialRescaler other than bilinear halving down to the latent grid")
         return ConditioningConfig(task="semantic", mode="concat", num_classes=int(cparams["in_channels"]))
     if target == "__is_first_stage__":
-        return ConditioningConfig(task="inpaint", mode="concat")
+        # The original feeds holes at −1 and a ±1 mask resized by nearest (scripts/inpaint.py).
+        return ConditioningConfig(task="inpaint", mode="concat", inpaint_inputs="original")
     raise ConvertError(f"original config: cond stage {target!r} (conditioning_key {key}) is not supported")
+
+
+# The original DDIM/PLMS samplers' timestep grid (make_ddim_timesteps "uniform": c·k + 1, one
+# extra step when the step count does not divide T) and last step (to alphas_cumprod[0]): a
+# converted checkpoint samples as its original scripts did unless the user asks otherwise.
+ORIGINAL_SAMPLING = {"timestep_spacing": "uniform", "steps_offset": 1, "set_alpha_to_one": False}
+
+
+# cin256-v2 (guided) has 1000 ImageNet classes + one null row for classifier-free guidance;
+# cin256 v1 has the 1000 class rows only. The original code knows no null class: the row
+# count is the only record of it.
+IMAGENET_WITH_NULL = 1001
+CLASS_TABLE = "cond_stage_model.embedding.weight"
+
+
+def class_table_from_rows(cfg: Config, src: dict[str, torch.Tensor], notes: list[str]) -> None:
+    """Set conditioning.num_classes / null_class from the rows of the checkpoint's class
+    embedding: 1001 rows = 1000 classes + the null class (last row); any other count = that
+    many classes and no null class (guidance then refuses with a clear error)."""
+    c = cfg.conditioning
+    if c.task != "class" or CLASS_TABLE not in src:
+        return
+    rows = int(src[CLASS_TABLE].shape[0])
+    c.null_class = rows == IMAGENET_WITH_NULL
+    c.num_classes = rows - int(c.null_class)
+    if c.null_class:
+        notes.append(f"class embedder: {rows} rows = {c.num_classes} classes + the null class (last row)")
+    else:
+        c.label_dropout = 0.0
+        notes.append(f"class embedder: {rows} rows = {rows} classes and no null class: classifier-free "
+                     "guidance is not available for this model")
 
 
 def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int | None = None,
@@ -288,7 +336,7 @@ def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int
         parameterization=param, loss=loss if loss in ("l1", "l2") else "l2",
         # The scale is known (the YAML's, or the checkpoint's buffer when scale_by_std): a
         # fine-tune of the converted run must keep it rather than re-measure it.
-        scale_by_std=False, scale_factor=float(params.get("scale_factor", 1.0)))
+        scale_by_std=False, scale_factor=float(params.get("scale_factor", 1.0)), **ORIGINAL_SAMPLING)
     cfg = Config(name=name, autoencoder=ae, unet=unet, conditioning=cond, diffusion=diffusion,
                  data=DataConfig(resolution=latent * ae.factor))
     if bool(params.get("scale_by_std", False)):
@@ -298,6 +346,23 @@ def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int
     except ValueError as exc:
         raise ConvertError(f"original config maps to an invalid ldm_fast config: {exc}") from exc
     return cfg, notes
+
+
+def preset_config(preset: str, image_size: int | None = None, clip_dir: str | None = None) -> Config:
+    """An ldm_fast preset describing an original checkpoint's architecture, set up as that
+    checkpoint was trained and sampled: its fixed scale, the original's timestep grid and, for
+    inpainting, the original's input convention."""
+    cfg = get_preset(preset)
+    if image_size is not None:
+        cfg.data.resolution = image_size * cfg.autoencoder.factor
+    cfg.diffusion.scale_by_std = False
+    for key, value in ORIGINAL_SAMPLING.items():
+        setattr(cfg.diffusion, key, value)
+    if cfg.conditioning.task == "inpaint":
+        cfg.conditioning.inpaint_inputs = "original"
+    if clip_dir:
+        cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
+    return cfg
 
 
 def load_original_config(path, clip_dir=None, image_size=None) -> tuple[Config, list[str]]:
@@ -314,13 +379,17 @@ def build_cond_module(cfg: Config, first_stage):
     c = cfg.conditioning
     if c.task == "class" and c.mode in ("crossattn", "hybrid"):
         from ldm_fast.conditioning import ClassEmbedder
-        return ClassEmbedder(c.num_classes, c.embed_dim)
+        return ClassEmbedder(c.num_classes, c.embed_dim, c.null_class)
     if c.task == "semantic":
         from ldm_fast.conditioning import SemanticEncoder
         return SemanticEncoder(c.num_classes, cfg.unet.in_channels - cfg.unet.out_channels, cfg.autoencoder.factor)
+    if c.task == "text" and c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder:
+        from ldm_fast.ldm_bert import LDMBertTextEncoder
+        return LDMBertTextEncoder(None, c.vocab_size, c.max_length, c.embed_dim, c.n_layers, c.n_heads)
     if c.task == "inpaint":
         from ldm_fast.conditioning import InpaintingConcat
-        return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor)
+        return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor,
+                                inputs=cfg.conditioning.inpaint_inputs)
     return None
 
 
@@ -328,7 +397,9 @@ def _fills(cfg: Config) -> dict[str, tuple[torch.Tensor | None, str]]:
     """Values for our tensors without an original counterpart (reasons: rules.FILLS); None = zeros."""
     scale = float(cfg.diffusion.scale_factor)
     values = {"scale_factor": torch.tensor(scale), "first_stage.logvar": torch.tensor(0.0), "cond.mapping.bias": None,
-              "cond.latent_scale": torch.tensor(scale)}  # separate tensors: safetensors refuses shared ones
+              # the original encodes the masked image with cond_stage_model.encode: unscaled
+              "cond.latent_scale": torch.tensor(1.0 if cfg.conditioning.inpaint_inputs == "original" else scale)}
+    # (separate tensors above: safetensors refuses shared ones)
     return {k: (values[k], reason) for k, reason in rules.FILLS.items()}
 
 
@@ -496,25 +567,42 @@ class Result:
 
 
 def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bool = False,
-            clip_dir: str | None = None, strict: bool = True, image_size: int | None = None) -> Result:
-    """Convert an original checkpoint into the run directory `out`; see the module docstring."""
-    if (config_path is None) == (preset is None):
+            clip_dir: str | None = None, strict: bool = True, image_size: int | None = None,
+            tokenizer: str | None = None) -> Result:
+    """Convert an original checkpoint into the run directory `out`; see the module docstring.
+    `tokenizer`: a local BERT vocab.txt (or tokenizer.json) for the LDM text-to-image model."""
+    from ldm_fast import diffusers_folder as dfolder
+
+    folder = dfolder.is_diffusers_folder(ckpt_path)
+    if folder:
+        if config_path is not None or preset is not None or clip_dir:
+            raise ConvertError(f"{ckpt_path} is a diffusers folder: it carries its own configs and text "
+                               "encoder; leave out --config / --preset / --clip")
+        text_dir = Path(out) / "text_encoder"
+        raw, src, sampling, folder_tokenizer = dfolder.read_folder(ckpt_path, text_dir)
+        cfg, notes = config_from_original(raw, clip_dir=None if folder_tokenizer else str(text_dir),
+                                          image_size=image_size, name=Path(ckpt_path).name)
+        tokenizer = tokenizer or folder_tokenizer
+        for key, value in sampling.items():  # the folder's scheduler settings are its default grid
+            setattr(cfg.diffusion, key, value)
+        notes.append("diffusers folder: " + (f"tokenizer from {folder_tokenizer}" if folder_tokenizer else
+                                             f"text encoder and tokenizer copied to {text_dir}")
+                     + f"; sampler grid from its scheduler ({sampling})")
+    elif (config_path is None) == (preset is None):
         raise ConvertError("give exactly one of an original YAML config or a preset name")
-    if config_path is not None:
+    elif config_path is not None:
         cfg, notes = load_original_config(config_path, clip_dir=clip_dir, image_size=image_size)
     else:
-        cfg, notes = get_preset(preset), [f"config from preset {preset!r}"]
-        if image_size is not None:
-            cfg.data.resolution = image_size * cfg.autoencoder.factor
-        cfg.diffusion.scale_by_std = False
-        if clip_dir:
-            cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
-    src = load_original(ckpt_path)
+        cfg, notes = preset_config(preset, image_size, clip_dir), [f"config from preset {preset!r}"]
+    if not folder:
+        src = load_original(ckpt_path)
 
     if "scale_factor" in src:  # scale_by_std: the measured value was saved as a buffer
         cfg.diffusion.scale_factor = float(src["scale_factor"])
+    class_table_from_rows(cfg, src, notes)
     validate(cfg)
     schedule_checked = check_schedule(src, cfg)
+    text_tokenizer = _text_tokenizer(cfg, tokenizer)
 
     from ldm_fast.model import LatentDiffusion
     with torch.device("meta"):  # names, shapes and dtypes only: no memory for an SD-sized model
@@ -525,6 +613,8 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
         targets.update(ckpt.flatten_state("cond.", cond.state_dict()))
     if cfg.autoencoder.kind == "identity":
         targets = {k: v for k, v in targets.items() if not k.startswith("first_stage.")}
+    if folder:
+        src = dfolder.original_names(src, cfg, targets)
     clip = None
     if clip_dir and any(k.startswith(CLIP_PREFIX) for k in src):
         from ldm_fast.clip_text import FrozenCLIPTextEncoder
@@ -546,7 +636,30 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
     has_cond = any(k.startswith("cond_stage_model.") for k in src)
     _write_run(Path(out), cfg, mapping, ema=ema, source=str(ckpt_path),
                cond_converted=cond is not None or clip is not None or not has_cond)
+    if text_tokenizer is not None:
+        from ldm_fast.tasks import TOKENIZER_FILE
+        text_tokenizer.save(Path(out) / TOKENIZER_FILE)
     return Result(Path(out), cfg, mapping, notes)
+
+
+def _text_tokenizer(cfg: Config, path: str | None):
+    """The LDM BERT model's tokenizer (bert-base-uncased's WordPiece vocabulary, which the
+    original downloads at run time; here a local file), checked against the embedding size."""
+    c = cfg.conditioning
+    if not (c.task == "text" and c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder):
+        if path:
+            raise ConvertError("--tokenizer applies to the LDM text-to-image (BERT) model only")
+        return None
+    if not path:
+        raise ConvertError("the LDM text-to-image model tokenises with bert-base-uncased's WordPiece "
+                           "vocabulary: pass --tokenizer PATH/vocab.txt (a local copy; nothing is downloaded)")
+    from ldm_fast.conditioning import load_tokenizer
+    tok = load_tokenizer(path)
+    if tok.vocab_size > c.vocab_size:
+        raise ConvertError(f"--tokenizer {path}: {tok.vocab_size} tokens, more than the text encoder's "
+                           f"{c.vocab_size}-row embedding")
+    c.tokenizer = str(Path(path).resolve())
+    return tok
 
 
 def _place_text_encoder(clip, clip_dir, src, m: Mapping, cfg: Config, out: Path) -> str:
@@ -585,13 +698,18 @@ def _write_run(out: Path, cfg: Config, m: Mapping, ema: bool, source: str, cond_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ldm_fast.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="original checkpoint (.ckpt / .safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--ckpt", required=True,
+                   help="original checkpoint (.ckpt / .safetensors), a diffusers folder (model_index.json), or "
+                        "with --to-diffusers a run directory")
+    p.add_argument("--to-diffusers", action="store_true",
+                   help="write the run directory --ckpt as a diffusers StableDiffusionPipeline folder --out")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="the model's ORIGINAL YAML config (latent-diffusion / SD v1)")
     src.add_argument("--preset", help="an ldm_fast preset describing the same architecture")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--ema", action="store_true", help="take the UNet from the EMA weights (model_ema.*)")
     p.add_argument("--clip", help="local transformers CLIP checkpoint directory (SD v1 text encoder)")
+    p.add_argument("--tokenizer", help="local BERT vocab.txt (the LDM text-to-image model's tokenizer)")
     p.add_argument("--image-size", type=int, help="latent side (overrides the config's image_size)")
     p.add_argument("--no-strict", action="store_true",
                    help="leave out (and list) source tensors no rule maps, instead of failing")
@@ -600,9 +718,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.to_diffusers:
+        from ldm_fast.diffusers_folder import write_folder
+        try:
+            path = write_folder(args.ckpt, args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {path.resolve()} (diffusers StableDiffusionPipeline folder)")
+        return 0
     try:
         result = convert(args.ckpt, args.out, config_path=args.config, preset=args.preset, ema=args.ema,
-                         clip_dir=args.clip, strict=not args.no_strict, image_size=args.image_size)
+                         clip_dir=args.clip, strict=not args.no_strict, image_size=args.image_size,
+                         tokenizer=args.tokenizer)
     except (ConvertError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,13 +16,14 @@ and `cond.*` in ldm.safetensors, `first_stage.*` (prefix dropped) in autoencoder
                                                                  absent from LDM checkpoints → 0
     first_stage.X          first_stage_model.X                   encoder/decoder/quant_conv/
                                                                  post_quant_conv/quantize.embedding
-    text_encoder.X         cond_stage_model.transformer.X        SD v1 CLIP text tower (text_model.*):
+    text_encoder.text_model.X  cond_stage_model.transformer.text_model.X  SD v1 CLIP text tower:
                                                                  frozen, kept as a transformers
                                                                  directory (clip_text.py), not in cond.*
     cond.mapping.weight    cond_stage_model.channel_mapper.weight  semantic SpatialRescaler's 1x1 conv
                                                                  (ours has a bias: filled with 0)
     cond.X                 cond_stage_model.X                    τθ whose architecture is ours: class
-                                                                 embedder `embedding.weight`
+                                                                 embedder `embedding.weight`, the LDM
+                                                                 BERT `transformer.*` (ldm_bert.py)
     scale_factor           scale_factor                          a buffer only when scale_by_std
     —                      betas, alphas_cumprod, … (SCHEDULE)   checked against our schedule, not stored
     —                      IGNORED (below)                       bookkeeping with no inference meaning
@@ -54,8 +55,8 @@ RULES: tuple[Rule, ...] = (
     Rule("cond.mapping.weight", "cond_stage_model.channel_mapper.weight", "semantic channel mapper", exact=True),
     Rule("unet.", "model.diffusion_model.", "UNet"),
     Rule("first_stage.", "first_stage_model.", "first stage"),
-    Rule("text_encoder.", "cond_stage_model.transformer.",
-         "text encoder (SD v1 CLIP: pass --clip DIR; LDM's BERT has no counterpart)"),
+    Rule("text_encoder.text_model.", "cond_stage_model.transformer.text_model.",
+         "text encoder (SD v1 CLIP: pass --clip DIR)"),
     Rule("cond.", "cond_stage_model.", "conditioning encoder"),
 )
 EMA_RULE = Rule("unet.", "model_ema.diffusion_model", "UNet (EMA)", flatten=True)
@@ -75,6 +76,10 @@ IGNORED = {
     "logvar": "per-timestep learned loss log-variance (training only)",
     # transformers' CLIPTextModel stores its position ids as a buffer; they are arange(77).
     "cond_stage_model.transformer.text_model.embeddings.position_ids": "CLIP position ids (arange)",
+    # x-transformers' TransformerWrapper keeps a token-prediction head the embedder never calls
+    # (it returns the final-norm embeddings).
+    "cond_stage_model.transformer.to_logits.weight": "LDM BERT's unused token-prediction head",
+    "cond_stage_model.transformer.to_logits.bias": "LDM BERT's unused token-prediction head",
 }
 
 
@@ -83,7 +88,8 @@ FILLS = {
     "scale_factor": "the config's scale_factor (the original keeps it as a plain attribute unless scale_by_std)",
     "first_stage.logvar": "0: the KL loss's log-variance; LDM checkpoints leave the loss out; unused at inference",
     "cond.mapping.bias": "0: the original SpatialRescaler's 1x1 channel mapper has no bias",
-    "cond.latent_scale": "the latent scale: inpainting encodes the masked image as it encodes latents",
+    "cond.latent_scale": ("inpainting: 1 for the original convention (its cond_stage_model.encode applies no "
+                          "scale), else the latent scale (the masked image is encoded as latents are)"),
 }
 
 

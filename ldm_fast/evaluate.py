@@ -5,7 +5,9 @@
   unguided, prompt agreement, box-crop accuracy, mIoU, PSNR/SSIM vs bicubic, masked L1).
 - Unconditional LDM: FD-shapes — the Fréchet distance between samples and held-out images in the features of
   the project's own small network trained on the procedural data (it is *not* FID; FID needs
-  the Inception weights, see ldm_fast.metrics.inception), and precision/recall in those features.
+  the Inception weights, see ldm_fast.metrics.inception), and precision/recall in those features;
+  with `--fid PATH` (or $LDM_FID_INCEPTION) also FID, preprocessed as torch-fidelity does
+  (`--fid-mode` pytorch-fid / clean-fid for the others).
 Prints a table and writes RUN_DIR/eval.json.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +23,9 @@ import torch
 
 from ldm_fast import cli, ops
 from ldm_fast.data.build import build_datasets
-from ldm_fast.metrics import FD_NAME, extract, fd_shapes, load_shapes_net, precision_recall, psnr, ssim
+from ldm_fast.metrics import (FD_NAME, FID_DEFAULT_MODE, FID_MODES, extract, fd_shapes, load_shapes_net,
+                              precision_recall, psnr, ssim)
+from ldm_fast.metrics.inception import ENV_VAR as FID_ENV
 from ldm_fast.run import load_config, load_first_stage
 
 
@@ -30,6 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="run directory")
     cli.add_sampling_args(p, inputs=False, outputs=False, n_default=256)
     p.add_argument("--skip-samples", action="store_true", help="only evaluate the autoencoder")
+    p.add_argument("--fid", metavar="PATH", default=os.environ.get(FID_ENV) or None,
+                   help=f"FID Inception weights (pt_inception-2015-12-05-6726825d.pth; default ${FID_ENV}): "
+                        "adds FID of the samples against the held-out images")
+    p.add_argument("--fid-mode", choices=FID_MODES, default=FID_DEFAULT_MODE,
+                   help="whose resize/normalisation FID uses (default: torch-fidelity, the paper's tool)")
     p.add_argument("--photos", action="store_true",
                    help="super-resolution: also score on the photographs that ship with scikit-image")
     p.add_argument("--sr-guidance", type=float, default=0.0,
@@ -58,8 +68,13 @@ def sample_metrics(pipe, reference, args) -> dict:
     samples = out.images
     net = load_shapes_net(pipe.cfg.data.resolution)
     precision, recall = precision_recall(extract(net, reference).features, extract(net, samples).features)
-    return {FD_NAME: fd_shapes(net, samples, reference), "precision": precision, "recall": recall,
-            "sampler": out.metadata[0]["sampler"], "steps": out.metadata[0]["steps"]}
+    results = {FD_NAME: fd_shapes(net, samples, reference), "precision": precision, "recall": recall,
+               "sampler": out.metadata[0]["sampler"], "steps": out.metadata[0]["steps"]}
+    if args.fid:
+        from ldm_fast.metrics.inception import fid
+
+        results[f"fid_{args.fid_mode}"] = fid(samples, reference, args.fid, args.fid_mode, device=args.device)
+    return results
 
 
 def _main(argv=None) -> int:
@@ -68,6 +83,8 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     cli.sampling_kwargs(args)  # the shared checks (positive --n, --steps, --batch-size)
     cfg = load_config(args.ckpt)
+    if args.fid and not Path(args.fid).expanduser().is_file():
+        raise FileNotFoundError(f"--fid {args.fid}: no such Inception weights file")
     from ldm_fast.tasks import task_fields
 
     _, heldout = build_datasets(cfg.data, task_fields(cfg))

@@ -296,6 +296,9 @@ class Pipeline:
         x = torch.stack([torch.randn(shape, generator=g) for g in generators])
         x = x.to(self.device, self.dtype or torch.float32)
         user_callback = sampler_options.pop("callback", None)
+        # The run's own timestep grid (a converted checkpoint: its original's) unless overridden.
+        sampler_options = {**samplers.schedule_defaults(self.cfg, sampler),
+                           **{k: v for k, v in sampler_options.items() if v is not None}}
 
         def callback(info):
             if user_callback is not None:

@@ -638,7 +638,7 @@ def test_equivalence_imagenet_class_conditional(tmp_path):
                              num_head_channels=-1, use_spatial_transformer=True, transformer_depth=1, context_dim=48),
                    first_stage_yaml("vq", (1, 2, 4), 3, n_embed=64),
                    {"target": "ldm.modules.encoders.modules.ClassEmbedder",
-                    "params": {"embed_dim": 48, "key": "class_label", "n_classes": 11}},
+                    "params": {"embed_dim": 48, "key": "class_label", "n_classes": 1001}},
                    conditioning_key="crossattn", cond_stage_key="class_label")
     _, model, cond = build(raw, 30)
     assert isinstance(cond, ClassEmbedder)
@@ -648,31 +648,87 @@ def test_equivalence_imagenet_class_conditional(tmp_path):
     assert torch.equal(cond_state["embedding.weight"], sd["cond_stage_model.embedding.weight"])
     embedder = ClassEmbedder(loaded.cfg.conditioning.num_classes, 48)
     embedder.load_state_dict(cond_state)
-    labels = torch.tensor([3, 10])  # 10 = the null class (last row) of the 11-row table
+    labels = torch.tensor([3, 1000])  # 1000 = the null class (last row) of cin256-v2's 1001-row table
     assert torch.equal(embedder(labels), sd["cond_stage_model.embedding.weight"][labels][:, None])
+    assert loaded.cfg.conditioning.null_class and loaded.cfg.conditioning.num_classes == 1000
+
+
+def test_cin256_v1_class_table_without_null(tmp_path, capsys):
+    """cin256 v1: 1000 rows, no null class (the original ClassEmbedder's default n_classes).
+    Every class converts, class 999 included; guidance refuses with one clear line."""
+    from ldm_fast import sample
+    from ldm_fast.tasks import load_conditioner
+
+    raw = ldm_yaml(unet_yaml(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_heads=1,
+                             num_head_channels=-1, use_spatial_transformer=True, context_dim=16),
+                   first_stage_yaml("vq", (1, 2), 3, n_embed=16, ch=32, resolution=8),
+                   {"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                    "params": {"embed_dim": 16, "key": "class_label"}},
+                   conditioning_key="crossattn", cond_stage_key="class_label", image_size=4)
+    _, model, cond = build(raw, 50)
+    assert cond.embedding.weight.shape[0] == 1000
+    sd = to_original_state(model, cond, schedule=original_schedule(1000, 0.0015, 0.0195))
+    path, cfg_path = write(tmp_path, raw, sd)
+    result = convert(path, tmp_path / "run", config_path=cfg_path)
+    c = result.config.conditioning
+    assert (c.num_classes, c.null_class) == (1000, False)
+    assert any("no null class" in n for n in result.notes)
+    loaded, cond_state = load_model(tmp_path / "run")
+    conditioner = load_conditioner(tmp_path / "run", loaded, cond_state)
+    got, uncond = conditioner.encode_inputs(classes=[0, 999])
+    assert uncond is None and not conditioner.supports_guidance
+    assert torch.equal(got["context"][:, 0], sd["cond_stage_model.embedding.weight"][[0, 999]])
+    with pytest.raises(ValueError, match="no null class"):
+        conditioner.parts[0].embedder.null_id
+    from ldm_fast.export.onnx_export import cond_encoder_graph
+    assert cond_encoder_graph(conditioner.module, loaded.cfg)[1].info["null_id"] is None  # exportable
+    code = sample.main(["--ckpt", str(tmp_path / "run"), "--class", "999", "--guidance", "3", "--n", "1",
+                        "--steps", "1", "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "guidance" in err and "Traceback" not in err
 
 
 @needs_diffusers
 def test_equivalence_text_to_image_kl8(tmp_path):
-    """The LDM text-to-image layout (KL-f8, SpatialTransformer, 8 heads). Its BERT τθ
-    (x-transformers layers) has no ldm_fast counterpart: --no-strict leaves it out, listed."""
+    """The LDM text-to-image model (KL-f8, SpatialTransformer, 8 heads) converts completely:
+    its BERT τθ (x-transformers layers) becomes ldm_bert.py's, tokenised from a local vocab.txt;
+    the prompt embedding equals diffusers' LDMBertModel on BertTokenizerFast's ids."""
+    import transformers
+
+    from test_ldm_bert import diffusers_ldm_bert, write_vocab
+
+    from ldm_fast.tasks import load_conditioner
+
     raw = ldm_yaml(unet_yaml(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2],
                              attention_resolutions=[2, 1], num_heads=8, num_head_channels=-1,
                              use_spatial_transformer=True, transformer_depth=1, context_dim=64),
                    first_stage_yaml("kl", (1, 2, 4, 4), 4, resolution=64),
-                   {"target": "ldm.modules.encoders.modules.BERTEmbedder", "params": {"n_embed": 64, "n_layer": 2}},
+                   {"target": "ldm.modules.encoders.modules.BERTEmbedder",
+                    "params": {"n_embed": 64, "n_layer": 2, "vocab_size": 24, "max_seq_len": 9}},
                    linear_start=0.00085, linear_end=0.012, scale_factor=0.18215, conditioning_key="crossattn",
                    cond_stage_key="caption")
-    _, model, _ = build(raw, 40)
-    sd = to_original_state(model, schedule=original_schedule(1000, 0.00085, 0.012))
-    sd["cond_stage_model.transformer.token_emb.weight"] = torch.zeros(100, 64)
-    sd["cond_stage_model.transformer.attn_layers.layers.0.1.to_q.weight"] = torch.zeros(512, 64)
+    _, model, cond = build(raw, 40)
+    sd = to_original_state(model, cond, schedule=original_schedule(1000, 0.00085, 0.012))
+    assert "cond_stage_model.transformer.attn_layers.layers.1.1.net.0.0.weight" in sd
+    sd["cond_stage_model.transformer.to_logits.weight"] = torch.zeros(24, 64)  # unused head: ignored
+    sd["cond_stage_model.transformer.to_logits.bias"] = torch.zeros(24)
+    vocab = write_vocab(tmp_path / "vocab.txt")
     path, cfg_path = write(tmp_path, raw, sd)
-    with pytest.raises(ConvertError, match="cond_stage_model.transformer.token_emb.weight"):
-        convert(path, tmp_path / "strict", config_path=cfg_path)
-    result, loaded, _ = compare(tmp_path, raw, tmp_path / "run", sd, context_dim=64, no_strict=True)
-    assert len(result.mapping.unexpected) == 2 and float(loaded.scale_factor) == pytest.approx(0.18215)
-    assert loaded.first_stage.logvar.item() == 0.0 and "first_stage.logvar" in result.mapping.filled
+    with pytest.raises(ConvertError, match="--tokenizer"):
+        convert(path, tmp_path / "no-tok", config_path=cfg_path)
+    result = convert(path, tmp_path / "run", config_path=cfg_path, tokenizer=str(vocab))
+    assert not result.mapping.unexpected and len(result.mapping.ignored) == 2
+    loaded, cond_state = load_model(tmp_path / "run")
+    assert float(loaded.scale_factor) == pytest.approx(0.18215)
+    conditioner = load_conditioner(tmp_path / "run", loaded, cond_state)
+    prompts = ["a photo of a cat", ""]
+    with torch.no_grad():
+        ours, uncond = conditioner.encode_inputs(prompts=prompts)
+        ids = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))(
+            prompts, truncation=True, max_length=9, padding="max_length", return_tensors="pt")["input_ids"]
+        theirs = diffusers_ldm_bert(cond.transformer, heads=8)(ids).last_hidden_state
+    assert_close(ours["context"], theirs, "LDM BERT text encoder")
+    assert_close(uncond["context"][:1], theirs[1:], "null prompt")
 
 
 def make_clip_dir(path, seed: int, width: int = 768):

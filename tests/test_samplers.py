@@ -257,7 +257,7 @@ def test_timesteps_and_dispatch():
     assert lin[0] == 999 and lin[-1] == 0 and len(set(lin)) == 50
     trailing = samplers.make_timesteps(schedule, 50, "trailing")
     assert trailing[0] == 999 and trailing[-1] == 19
-    assert samplers.make_timesteps(schedule, 50, "leading")[-1] == 1
+    assert samplers.make_timesteps(schedule, 50, "leading", steps_offset=1)[-1] == 1
     logsnr = samplers.make_timesteps(schedule, 25, "logsnr")
     assert logsnr[0] == 999 and logsnr[-1] == 0 and logsnr == sorted(set(logsnr), reverse=True)
     with pytest.raises(ValueError, match="sampler"):

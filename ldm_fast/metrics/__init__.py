@@ -35,6 +35,8 @@ from ldm_fast.metrics.frechet import (
 )
 from ldm_fast.metrics.image_quality import QualityResult, psnr, ssim
 from ldm_fast.metrics.inception import (
+    DEFAULT_MODE as FID_DEFAULT_MODE,
+    RESIZE_MODES as FID_MODES,
     FIDInceptionV3,
     InceptionWeightsUnavailable,
     inception_features,
@@ -49,5 +51,5 @@ __all__ = [
     "inception_score", "kernel_distance", "load_statistics", "precision_recall",
     "QualityResult", "psnr", "ssim",
     "FIDInceptionV3", "InceptionWeightsUnavailable", "inception_features", "load_fid_inception",
-    "resize_for_inception",
+    "resize_for_inception", "FID_MODES", "FID_DEFAULT_MODE",
 ]

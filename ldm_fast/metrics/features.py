@@ -202,10 +202,13 @@ def _evaluate(net: ShapesNet, imgs, labels, segs, batch_size: int = 256) -> dict
     return {"heldout_accuracy": correct / len(imgs), "heldout_miou": miou}
 
 
+@torch.enable_grad()
 def train_shapes_net(resolution: int, seed: int = 0, cfg: FeatureNetTraining | None = None,
                      log: Callable[[str], None] | None = print) -> tuple[ShapesNet, dict]:
     """Train the feature network on procedural images at `resolution`; returns the network
-    (eval mode) and a report with held-out accuracy and mIoU. Deterministic from `seed`."""
+    (eval mode) and a report with held-out accuracy and mIoU. Deterministic from `seed`.
+    Gradients are switched on here: the first use of a metric (no cached network yet) often
+    happens inside a caller's torch.no_grad() sampling code."""
     from ldm_fast.data import procedural
 
     cfg = cfg or FeatureNetTraining()

@@ -15,11 +15,20 @@ come from the TF graph and change the numbers if ignored:
   * BatchNorm ε = 0.001;
   * 1008 output classes (the TF graph's label map).
 
-Input pipeline (clean-fid, Parmar et al., "On Aliased Resizing and Surprising Subtleties in
-GAN Evaluation", CVPR 2022): images are first quantised to uint8 exactly as they would be when
-saved to PNG, then each channel is resized to 299×299 with PIL's bicubic filter on float32
-values (PIL's resize is properly antialiased; framework resizes without antialiasing alias and
-shift FID), clipped to [0, 255], and finally normalised as the TF graph does, (x − 128) / 128.
+Input pipeline: images are first quantised to uint8 exactly as they would be when saved to
+PNG, then resized to 299×299 and normalised the way one of the published FID tools does it
+(`RESIZE_MODES`; the same network and weights, different numbers at small resolutions):
+  * "torch-fidelity" (the default): bilinear resize as TensorFlow 1.x computes it (source
+    coordinate = output index × in/out, no half-pixel offset, no antialiasing) on float
+    [0, 255], then (x − 128)/128. The LDM paper's FIDs come from torch-fidelity: it is the one
+    FID tool of the original repository, pinned at 0.3.0 in its environment.yaml and installed
+    by its ImageNet sampling notebook.
+  * "pytorch-fid": x/255, `F.interpolate(bilinear, align_corners=False)` (half-pixel centres,
+    no antialiasing), then 2x − 1.
+  * "clean-fid" (Parmar et al., "On Aliased Resizing and Surprising Subtleties in GAN
+    Evaluation", CVPR 2022): each channel as a float32 PIL image resized with PIL's
+    antialiased bicubic filter, clipped to [0, 255], then (x − 128)/128.
+Tests check each mode against that library's own code where it runs offline.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from PIL import Image
 from torch import nn
 
 ENV_VAR = "LDM_FID_INCEPTION"
+RESIZE_MODES = ("torch-fidelity", "pytorch-fid", "clean-fid")
+DEFAULT_MODE = "torch-fidelity"  # the tool behind the LDM paper's numbers (see the module docstring)
 INPUT_SIZE = 299
 POOL_DIM = 2048
 NUM_LOGITS = 1008
@@ -299,23 +310,74 @@ def resize_for_inception(images_uint8: np.ndarray, size: int = INPUT_SIZE) -> to
     return torch.from_numpy((out - 128.0) / 128.0)
 
 
+def _tf1_bilinear_weights(n_in: int, n_out: int):
+    """TensorFlow 1.x resize_bilinear (align_corners=False) along one axis: output i reads
+    source position i·n_in/n_out (float32, no half-pixel offset), between floor and the next
+    pixel (clamped at the border)."""
+    pos = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    lo = pos.long()
+    return lo, (lo + 1).clamp_max(n_in - 1), pos - lo.float()
+
+
+def resize_tf1_bilinear(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """(N, C, H, W) float → (N, C, size, size), torch-fidelity's resize (TF 1.x bilinear)."""
+    ylo, yhi, dy = _tf1_bilinear_weights(x.shape[2], size)
+    xlo, xhi, dx = _tf1_bilinear_weights(x.shape[3], size)
+    top, bottom = x[:, :, ylo], x[:, :, yhi]
+    top = top[..., xlo] + (top[..., xhi] - top[..., xlo]) * dx
+    bottom = bottom[..., xlo] + (bottom[..., xhi] - bottom[..., xlo]) * dx
+    return top + (bottom - top) * dy[:, None]
+
+
+def preprocess(images_uint8: np.ndarray, mode: str = DEFAULT_MODE, size: int = INPUT_SIZE) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → the (N, 3, size, size) float32 network input of FID tool `mode`."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"FID mode: expected one of {RESIZE_MODES}, got {mode!r}")
+    if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) uint8, got {images_uint8.dtype} {images_uint8.shape}")
+    if mode == "clean-fid":
+        return resize_for_inception(images_uint8, size)
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float()
+    if mode == "torch-fidelity":
+        return (resize_tf1_bilinear(x, size) - 128) / 128
+    x = F.interpolate(x / 255, size=(size, size), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
 @torch.no_grad()
 def inception_features(model: FIDInceptionV3, images, batch_size: int = 50,
-                       device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       device: str | torch.device | None = None,
+                       mode: str = DEFAULT_MODE) -> tuple[np.ndarray, np.ndarray]:
     """pool3 features (N, 2048) and class probabilities (N, 1008) for images in [-1, 1].
 
     `images` is a (N, 3, H, W) tensor or an iterable of such batches (e.g. a sampler's output
-    stream), processed `batch_size` at a time so memory stays bounded.
+    stream), processed `batch_size` at a time so memory stays bounded; `mode` picks the FID
+    tool whose resize and normalisation are reproduced (RESIZE_MODES).
     """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"FID mode: expected one of {RESIZE_MODES}, got {mode!r}")
     device = device or next(model.parameters()).device
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     pools, probs = [], []
     for batch in batches:
         for chunk in batch.split(batch_size):
-            x = resize_for_inception(to_uint8(chunk)).to(device)
+            x = preprocess(to_uint8(chunk), mode).to(device)
             pool, logits = model(x)
             pools.append(pool.double().cpu().numpy())
             probs.append(torch.softmax(logits.double(), 1).cpu().numpy())
     if not pools:
         raise ValueError("no images given")
     return np.concatenate(pools), np.concatenate(probs)
+
+
+def fid(images_a, images_b, weights: str | os.PathLike | None = None, mode: str = DEFAULT_MODE,
+        batch_size: int = 50, device: str | torch.device = "cpu") -> float:
+    """FID between two image sets in [-1, 1] ((N, 3, H, W) tensors or iterables of batches),
+    with the FID Inception from `weights` (else ${LDM_FID_INCEPTION}) and the input pipeline
+    of FID tool `mode`. Raises InceptionWeightsUnavailable without the weights file."""
+    from ldm_fast.metrics.frechet import feature_statistics, frechet_distance
+
+    model = load_fid_inception(weights, device)
+    stats = [feature_statistics(inception_features(model, x, batch_size, device, mode)[0])
+             for x in (images_a, images_b)]
+    return frechet_distance(*stats[0], *stats[1])

@@ -188,7 +188,13 @@ def _build_text_encoder(cfg: Config, train_captions, run_dir, strict: bool):
                          "tokenizer.json / vocab.txt, or pass train_captions to train one")
     if saved is not None and not saved.is_file():
         tokenizer.save(saved)
-    enc = TextTransformer(tokenizer, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads, strict)
+    if cc.text_encoder == "ldm_bert":  # a converted LDM text-to-image model's τθ
+        from ldm_fast.ldm_bert import LDMBertTextEncoder
+
+        enc = LDMBertTextEncoder(tokenizer, cc.vocab_size, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads,
+                                 strict)
+    else:
+        enc = TextTransformer(tokenizer, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads, strict)
     return enc, tokenizer, True
 
 
@@ -226,7 +232,7 @@ def build_conditioner(cfg: Config, model=None, train_captions=None, *, run_dir=N
             enc, tokenizer, trainable = _build_text_encoder(cfg, train_captions, run_dir, strict)
             context_dim = enc.embed_dim
             parts.append(_TextPart(enc, trainable))
-    _check_unet(cfg, concat_ch, context_dim, cc.num_classes + 1 if cc.mode == "adm" else 0)
+    _check_unet(cfg, concat_ch, context_dim, cc.num_classes + int(cc.null_class) if cc.mode == "adm" else 0)
     for part in parts:
         for m in (getattr(part, "module", None), getattr(part, "encoder", None)):
             if m is not None:

@@ -52,10 +52,11 @@ def _need(batch: dict, key: str, task: str):
 class _ClassPart:
     guided, inputs = True, ("classes",)
 
-    def __init__(self, num_classes: int, embedder: ClassEmbedder | None, device):
+    def __init__(self, num_classes: int, embedder: ClassEmbedder | None, device, null_class: bool = True):
         self.num_classes, self.embedder, self.device = num_classes, embedder, device
         self.module = embedder  # None in adm mode: the UNet's label_emb is the embedding
         self.name = "class"
+        self.guided = null_class  # no null class (cin256 v1): no guidance, no label dropout
 
     def _out(self, labels):
         labels = labels.to(self.device)

@@ -20,8 +20,9 @@ def _parts(cfg, model, device):
     from ldm_fast.tasks.parts import _ClassPart
 
     cc = cfg.conditioning
-    embedder = ClassEmbedder(cc.num_classes, cc.embed_dim) if cc.mode == "crossattn" else None
-    return [_ClassPart(cc.num_classes, embedder, device)], 0, cc.embed_dim if embedder is not None else None
+    embedder = ClassEmbedder(cc.num_classes, cc.embed_dim, cc.null_class) if cc.mode == "crossattn" else None
+    part = _ClassPart(cc.num_classes, embedder, device, cc.null_class)
+    return [part], 0, cc.embed_dim if embedder is not None else None
 
 
 def _metric(ctx) -> dict:

@@ -28,7 +28,8 @@ def _parts(cfg, model, device):
         raise ValueError("inpainting conditioning encodes the masked image: pass the model or its first stage")
     known = not (cfg.diffusion.scale_by_std and cfg.autoencoder.kind == "kl")
     concat = InpaintingConcat(first_stage_of(model), cfg.autoencoder.factor,
-                              cfg.diffusion.scale_factor if known else None)
+                              cfg.diffusion.scale_factor if known else None,
+                              inputs=cfg.conditioning.inpaint_inputs)
     return [_InpaintPart(concat)], cfg.unet.out_channels + 1, None
 
 
