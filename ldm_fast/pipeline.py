@@ -25,10 +25,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm_fast import ops, samplers
+from ldm_fast.pipeline_inputs import as_batch, cycle, json_value, length, take
 from ldm_fast.tiling import decode_tiled
 
 # Pipeline keyword → the conditioner's encode_inputs keyword.
@@ -65,80 +65,6 @@ class PipelineOutput:
         from ldm_fast.images import to_uint8
 
         return [Image.fromarray(a) for a in to_uint8(self.images)]
-
-
-# ----------------------------------------------------------------------------- input batches
-
-def _image_tensor(value, name: str) -> torch.Tensor:
-    """PIL / numpy / tensor → float tensor; PIL and uint8 arrays map 0…255 to [-1, 1]."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        if name == "mask":
-            return (torch.from_numpy(np.asarray(value.convert("L"), dtype=np.float32)) > 127).float()
-        if name == "semantic":
-            return torch.from_numpy(np.asarray(value, dtype=np.int64))
-        value = np.asarray(value.convert("RGB"), dtype=np.float32) / 127.5 - 1
-        return torch.from_numpy(value).permute(2, 0, 1)
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not torch.is_tensor(value):
-        raise ValueError(f"{name}: expected an image tensor, array or PIL image, got {type(value).__name__}")
-    return value
-
-
-def _as_batch(name: str, value):
-    """One input as a batch: a list (prompts, layouts), a (boxes, labels) tensor pair, or a
-    batch-first tensor."""
-    if name in ("prompt", "negative_prompt"):
-        return [value] if isinstance(value, str) else list(value)
-    if name == "class_labels":
-        t = torch.as_tensor(value, dtype=torch.long)
-        return t.reshape(1) if t.dim() == 0 else t
-    if name == "boxes":
-        if isinstance(value, tuple) and len(value) == 2 and torch.is_tensor(value[0]):
-            return value  # (boxes (B, N, 4), labels (B, N)), as a dataset batch holds them
-        value = list(value)
-        # A single layout is a list of 5-number boxes; a batch is a list of layouts.
-        single = bool(value) and not isinstance(value[0][0], (list, tuple))
-        return [value] if single else value
-    if isinstance(value, (list, tuple)):
-        return torch.stack([_image_tensor(v, name) for v in value])
-    t = _image_tensor(value, name)
-    one = {"mask": 3, "semantic": 2}.get(name, 3)  # dims of a single item (mask: (1, H, W))
-    if name == "mask" and t.dim() == 2:
-        t = t[None]
-    return t[None] if t.dim() == one else t
-
-
-def _length(value) -> int:
-    return len(value[0]) if isinstance(value, tuple) else len(value)
-
-
-def _take(value, index: list[int]):
-    if isinstance(value, tuple):
-        return tuple(_take(v, index) for v in value)
-    if torch.is_tensor(value):
-        return value[torch.tensor(index, dtype=torch.long)]
-    return [value[i] for i in index]
-
-
-def _cycle(name: str, value, n: int):
-    """Fewer inputs than images cycle (2 prompts, n = 6: a b a b a b); more is an error."""
-    length = _length(value)
-    if length == n:
-        return value
-    if length == 0 or length > n:
-        raise ValueError(f"{name}: {length} given for n = {n} images (give at most n; fewer are cycled)")
-    return _take(value, [i % length for i in range(n)])
-
-
-def _json_value(value):
-    if torch.is_tensor(value):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -337,13 +263,13 @@ class Pipeline:
                                        lr=lr, image=image, mask=mask).items() if v is not None}
         if self.conditioner is None and (given or negative_prompt is not None):
             raise ValueError(f"this model is unconditional: it takes no inputs (got {sorted(given)})")
-        batches = {k: _as_batch(k, v) for k, v in given.items()}
+        batches = {k: as_batch(k, v) for k, v in given.items()}
         if n is None:
-            n = max((_length(v) for v in batches.values()), default=1)
+            n = max((length(v) for v in batches.values()), default=1)
         if n < 1:
             raise ValueError(f"n: must be positive, got {n}")
-        batches = {k: _cycle(k, v, n) for k, v in batches.items()}
-        negative = _cycle("negative_prompt", _as_batch("negative_prompt", negative_prompt), n) \
+        batches = {k: cycle(k, v, n) for k, v in batches.items()}
+        negative = cycle("negative_prompt", as_batch("negative_prompt", negative_prompt), n) \
             if negative_prompt is not None else None
         sampler, steps, eta, guidance = self._settings(sampler, steps, eta, guidance)
         batch_size = batch_size or n
@@ -359,7 +285,7 @@ class Pipeline:
         try:
             for start in starts:
                 m = min(batch_size, n - start)
-                part = {k: _take(v, list(range(start, start + m))) for k, v in batches.items()}
+                part = {k: take(v, list(range(start, start + m))) for k, v in batches.items()}
                 out, z = self._batch(part, negative[start:start + m] if negative else None, m, seed + start,
                                      sampler, steps, eta, guidance, height, width, tile, sr_guidance,
                                      bar.update if bar is not None else None, sampler_options)
@@ -410,7 +336,7 @@ class Pipeline:
                 elif k == "class_labels":
                     rec["class_label"] = int(v[i])
                 elif k == "boxes":  # one layout: [[x0, y0, x1, y1, class], …] (or boxes, labels)
-                    rec["boxes"] = json.dumps([_json_value(t[i]) for t in v] if isinstance(v, tuple)
-                                              else _json_value(v[i]))
+                    rec["boxes"] = json.dumps([json_value(t[i]) for t in v] if isinstance(v, tuple)
+                                              else json_value(v[i]))
             out.append(rec)
         return out

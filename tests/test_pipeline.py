@@ -121,3 +121,10 @@ def test_bf16_unet_with_an_fp32_first_stage_tracks_fp32():
     assert next(bf16.model.first_stage.parameters()).dtype == torch.float32
     out = bf16(**kw).images
     assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.1
+
+
+def test_sampling_progress_in_a_log_is_a_plain_line(capsys):
+    """stderr is not a terminal under pytest: progress is a line, not carriage returns."""
+    Pipeline.from_run_dir(class_run_dir(), device="cpu")(class_labels=[1, 2], n=4, batch_size=2, steps=3)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.strip().splitlines()[-1].startswith("sampling 4 (ddim 3): 6/6")

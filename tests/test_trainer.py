@@ -75,3 +75,26 @@ def test_inpainting_latent_scale_uses_the_global_batch(monkeypatch):
     whole = torch.cat(z)
     want = 1.0 / float((whole.pow(2).mean() - whole.mean() ** 2).sqrt())
     assert abs(scales[0] - want) < 1e-4 * want and abs(scales[1] - want) < 1e-4 * want
+
+
+def test_loss_scale_is_checkpointed_and_resumed(tmp_path):
+    cfg = micro_config(2)
+    tc = cfg.train_ldm
+    tc.ckpt_every = 1
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss(micro, step):
+        value = model(torch.ones(1, 2)).pow(2).mean()
+        return value, {"loss": value.detach()}
+
+    def state(keep):
+        return {"w": model.weight.detach().clone()}, {}
+
+    first = Trainer("ldm", cfg, tc, RunDir(tmp_path), "cpu", seed=0, progress=False)
+    first.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 9, growth_interval=1)  # doubles per good step
+    first.fit([Phase("p", opt, loss, list(model.parameters()))], None, state)
+    again = Trainer("ldm", cfg, tc, RunDir(tmp_path), "cpu", seed=0, progress=False)
+    again.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    assert again.resume(lambda tensors, meta: None) and again.start == 2
+    assert again.scaler.get_scale() == first.scaler.get_scale() == 2.0 ** 11
