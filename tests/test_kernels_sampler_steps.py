@@ -6,7 +6,6 @@ same inputs; fp32 must match it tightly, and fp16/bf16 within 2× the error of t
 run natively in that precision, plus a small atol.
 """
 
-import math
 
 import pytest
 import torch

@@ -2,6 +2,7 @@
 torch.randn on CPU generators, input cycling, negative prompts, sampler options passed through,
 and `import ldm_fast` staying cheap."""
 
+import os
 import re
 import subprocess
 import sys
@@ -128,3 +129,24 @@ def test_sampling_progress_in_a_log_is_a_plain_line(capsys):
     Pipeline.from_run_dir(class_run_dir(), device="cpu")(class_labels=[1, 2], n=4, batch_size=2, steps=3)
     err = capsys.readouterr().err
     assert "\r" not in err and err.strip().splitlines()[-1].startswith("sampling 4 (ddim 3): 6/6")
+
+
+def test_eager_sampling_without_triton(tmp_path):
+    """An eager-only install (no Triton) samples through the Pipeline and never imports it."""
+    code = f"""
+import importlib.abc, sys
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'triton':
+            raise ImportError('no triton here')
+sys.meta_path.insert(0, NoTriton())
+import ldm_fast
+pipe = ldm_fast.Pipeline.from_run_dir({str(text_run_dir())!r}, kernels="auto")
+out = pipe(prompt="a red circle", n=2, steps=2)
+assert out.images.shape[0] == 2 and 'triton' not in sys.modules
+print('ok')
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
