@@ -440,7 +440,7 @@ def markdown(payload: dict) -> str:
     info, cpu = payload["machine"], payload["machine"]["device_type"] == "cpu"
     unit = "ms (CPU)" if cpu else "ms"
     lines = [f"{info['date']}; {info['name']}; torch {info['torch']}, diffusers {payload['diffusers']}; "
-             f"{info['torch_threads']} thread(s).", "", f"Command: `{payload['command']}`", ""]
+             f"{info['torch_threads']} thread(s); ldm_fast kernels={payload['kernels']}.", "", f"Command: `{payload['command']}`", ""]
     if cpu:
         lines += ["CPU run: the absolute times are CPU times on shared cores; quote the ratios.", ""]
     rows = []
@@ -473,6 +473,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats per row")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per side after the first")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--kernels", default="auto", choices=ops.BACKENDS,
+                    help="ldm_fast's kernel switch (default auto, the engine's default path)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats, no compile; numbers meaningless")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/peers-<machine>.json)")
     bl.add_threads_arg(ap)
@@ -493,7 +495,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bl.set_threads(args.threads)
     device = bl.pick_device(args.device)
-    ops.set_backend("eager")     # the engine's default path on CPU; Triton under test is another bench
+    ops.set_backend(args.kernels)
     if args.smoke:
         args.repeats, args.warmup = 2, 0
     info = bl.machine(device)
@@ -502,7 +504,7 @@ def main(argv=None) -> int:
         version = diffusers.__version__
     except ImportError:
         version = None
-    payload = {"benchmark": "peers", "machine": info, "smoke": args.smoke, "diffusers": version,
+    payload = {"benchmark": "peers", "machine": info, "smoke": args.smoke, "diffusers": version, "kernels": args.kernels,
                "command": "python bench/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": [], "skipped": {}}
     for part in args.parts:
