@@ -55,26 +55,29 @@ import triton.language as tl
 
 
 def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, scale=None,
-                   shift=None, upcast=True):
-    """The PyTorch reference: GroupNorm → x·(1+scale)+shift → SiLU. With upcast (the
-    default, and what `ldm_fast.ops` runs eagerly) everything is computed in fp32 (or wider)
-    and the result is cast back to x's dtype; upcast=False runs the same chain in x's own
-    dtype, which is the "same-precision PyTorch" error baseline the tests compare the kernel
-    against."""
+                   shift=None, upcast=True, add=None):
+    """The PyTorch reference: [x + add] → GroupNorm → x·(1+scale)+shift → SiLU. With upcast
+    (the default, and what `ldm_fast.ops` runs eagerly) everything is computed in fp32 (or
+    wider) and the result is cast back to x's dtype; upcast=False runs the same chain in x's
+    own dtype, which is the "same-precision PyTorch" error baseline the tests compare the
+    kernel against. `add` (B, C) is a per-sample channel bias added before the statistics (the
+    ResBlock's h + emb). The affine goes into F.group_norm itself and SiLU runs in place when
+    no gradient is recorded: the eager path makes as few passes over the activation as
+    PyTorch allows."""
     dt = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype   # fp64 stays fp64
-    out = F.group_norm(x.to(dt), num_groups, None, None, eps)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        out = out * weight.to(dt).view(shape)
-    if bias is not None:
-        out = out + bias.to(dt).view(shape)
+    xd = x.to(dt)
+    if add is not None:
+        xd = xd + add.to(dt).view(add.shape + (1,) * (x.dim() - 2))
+    out = F.group_norm(xd, num_groups, None if weight is None else weight.to(dt),
+                       None if bias is None else bias.to(dt), eps)
     if scale is not None:
         bshape = scale.shape + (1,) * (x.dim() - 2)
         out = out * (1 + scale.to(dt).view(bshape))
     if shift is not None:
         out = out + shift.to(dt).view(shift.shape + (1,) * (x.dim() - 2))
     if act:
-        out = F.silu(out)
+        # In place is safe for autograd only when nothing records the graph.
+        out = F.silu(out, inplace=not torch.is_grad_enabled())
     return out.to(x.dtype)
 
 
@@ -89,6 +92,8 @@ def _gn_stats_kernel(
     HW, G, CPG,   # spatial size, number of groups, channels per group
     NSPLIT,       # partials per group = spatial chunks × channel blocks
     ITERS,        # spatial tiles per chunk
+    ADD, sab, sac,  # (B, C) bias added to x before the statistics (unused if not HAS_ADD)
+    HAS_ADD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)   # which (sample, group)
@@ -101,6 +106,7 @@ def _gn_stats_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < CPG
     base = X + b.to(tl.int64) * sxb + (g * CPG + offs_c).to(tl.int64)[:, None] * sxc
+    add = _channel_add(ADD, b, g * CPG + offs_c, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
     # Running (count, mean, M2) over the chunk. Each tile is reduced exactly (mean first,
     # then the centred sum of squares, both in registers), and tiles are merged with Chan et
@@ -111,7 +117,8 @@ def _gn_stats_kernel(
     for it in range(0, ITERS):
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
-        x = tl.load(base + offs_s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        x = _shifted(tl.load(base + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask,
+                     HAS_ADD)
         cnt = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
         t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tl.maximum(cnt, 1.0)
         d = tl.where(mask, x - t_mean, 0.0)
@@ -145,6 +152,25 @@ def _gn_group_stats(PART, pid_bg, NSPLIT, total, eps, BLOCK_P: tl.constexpr):
     var = (tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / n
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
     return mean, rstd
+
+
+@triton.jit
+def _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 [BLOCK_C] per-sample channel bias added to x before normalising (0 if absent)."""
+    a = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_ADD:
+        a = tl.load(ADD + b * sab + ch * sac, mask=mask_c, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _shifted(x, add, mask, HAS_ADD: tl.constexpr):
+    """x (a loaded [BLOCK_C, BLOCK_S] tile) in fp32, plus the channel bias; padding lanes stay
+    0 so that they drop out of every sum."""
+    x = x.to(tl.float32)
+    if HAS_ADD:
+        x = tl.where(mask, x + add[:, None], 0.0)
+    return x
 
 
 @triton.jit
@@ -207,6 +233,7 @@ def _gn_fwd_kernel(
     HW, G, CPG, NSPLIT, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -228,13 +255,14 @@ def _gn_fwd_kernel(
     ch = g * CPG + offs_c
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
     # Stage 3: the tile — one multiply-add, optional SiLU, one store in the output dtype.
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     chl = ch.to(tl.int64)[:, None]
-    x = tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
-                mask=mask, other=0.0).to(tl.float32)
+    x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
+                         mask=mask, other=0.0), add, mask, HAS_ADD)
     v = _apply(x, mean, rstd, w, beta, s1, sh, mask, ACT)
     tl.store(Y + b.to(tl.int64) * syb + chl * syc + offs_s[None, :] * sys_,
              v.to(Y.dtype.element_ty), mask=mask)
@@ -248,6 +276,7 @@ def _gn_fwd_single_kernel(
     HW, G, CPG, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Whole group in one tile (small groups: the UNet's 8×8 level, the tiny preset): one
@@ -262,8 +291,9 @@ def _gn_fwd_single_kernel(
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     ch = g * CPG + offs_c
     chl = ch.to(tl.int64)[:, None]
-    x = tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
-                mask=mask, other=0.0).to(tl.float32)
+    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+    x = _shifted(tl.load(X + b.to(tl.int64) * sxb + chl * sxc + offs_s[None, :] * sxs,
+                         mask=mask, other=0.0), add, mask, HAS_ADD)
     n = CPG * HW * 1.0   # not .to(): CPG or HW may be a compile-time 1
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
     dev = tl.where(mask, x - mean, 0.0)
@@ -288,6 +318,7 @@ def _gn_bwd_reduce_kernel(
     C, HW, G, CPG, NS, ITERS,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -303,6 +334,7 @@ def _gn_bwd_reduce_kernel(
     ch = g * CPG + offs_c
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
     chl = ch.to(tl.int64)[:, None]
     xb = X + b.to(tl.int64) * sxb + chl * sxc
@@ -312,7 +344,7 @@ def _gn_bwd_reduce_kernel(
     for it in range(0, ITERS):
         offs_s = (pid_s * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < HW)[None, :]
-        x = tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        x = _shifted(tl.load(xb + offs_s[None, :] * sxs, mask=mask, other=0.0), add, mask, HAS_ADD)
         dy = tl.load(db + offs_s[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
         dv = _grad_v(dy, xhat, w, beta, s1, sh, mask, ACT)
@@ -335,6 +367,7 @@ def _gn_bwd_dx_kernel(
     C, HW, G, CPG, NS,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -375,6 +408,7 @@ def _gn_bwd_dx_kernel(
     ch = g * CPG + offs_c
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
 
     # Stage 3: parameter-gradient terms, once per (b, channel block).
     if pid_s == 0:
@@ -393,8 +427,8 @@ def _gn_bwd_dx_kernel(
     mask = mask_c[:, None] & (offs_s < HW)[None, :]
     chl = ch.to(tl.int64)[:, None]
     bl = b.to(tl.int64)
-    x = tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
-                other=0.0).to(tl.float32)
+    x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
+                other=0.0), add, mask, HAS_ADD)
     dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
                  other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
@@ -413,6 +447,7 @@ def _gn_bwd_single_kernel(
     C, HW, G, CPG,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    ADD, sab, sac, HAS_ADD: tl.constexpr,   # pre-norm channel bias, as in the stats kernel
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """The backward of _gn_fwd_single_kernel: one program per (sample, group) reads x and dy
@@ -431,8 +466,9 @@ def _gn_bwd_single_kernel(
     bl = b.to(tl.int64)
     w, beta, s1, sh = _channel_params(W, BETA, SCALE, SHIFT, b, ch, mask_c, ssb, ssc, shb, shc,
                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-    x = tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
-                other=0.0).to(tl.float32)
+    add = _channel_add(ADD, b, ch, mask_c, sab, sac, HAS_ADD, BLOCK_C)
+    x = _shifted(tl.load(X + bl * sxb + chl * sxc + offs_s[None, :] * sxs, mask=mask,
+                other=0.0), add, mask, HAS_ADD)
     dy = tl.load(DY + bl * sdb + chl * sdc + offs_s[None, :] * sds, mask=mask,
                  other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
@@ -510,7 +546,7 @@ def _mod_strides(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
-def _check(x, num_groups, weight, bias, scale, shift):
+def _check(x, num_groups, weight, bias, scale, shift, add=None):
     if x.dim() < 2:
         raise ValueError(f"group_norm: expected (B, C, *spatial), got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -519,12 +555,20 @@ def _check(x, num_groups, weight, bias, scale, shift):
     if C % num_groups:
         raise ValueError(f"group_norm: {C} channels not divisible by {num_groups} groups")
     for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
-                           ("scale", scale, (x.shape[0], C)), ("shift", shift, (x.shape[0], C))):
+                           ("scale", scale, (x.shape[0], C)), ("shift", shift, (x.shape[0], C)),
+                           ("add", add, (x.shape[0], C))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"group_norm: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _gn_forward(x, weight, bias, scale, shift, num_groups, eps, act):
+def _add_args(add, dummy):
+    """The pre-norm bias's kernel arguments: pointer, (batch, channel) strides, flag."""
+    if add is None:
+        return dict(ADD=dummy, sab=0, sac=0, HAS_ADD=False)
+    return dict(ADD=add, sab=add.stride(0), sac=add.stride(1), HAS_ADD=True)
+
+
+def _gn_forward(x, weight, bias, scale, shift, add, num_groups, eps, act):
     B, C = x.shape[:2]
     G = num_groups
     cpg = C // G
@@ -541,7 +585,7 @@ def _gn_forward(x, weight, bias, scale, shift, num_groups, eps, act):
               scale if scale is not None else dummy, shift if shift is not None else dummy)
     strides = (*x3.stride(), *y3.stride(), *_mod_strides(scale), *_mod_strides(shift))
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                 HAS_SHIFT=shift is not None, ACT=act)
+                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy))
     if single:
         _gn_fwd_single_kernel[(B * G,)](
             x3, y3, mean, rstd, *params, *strides, hw, G, cpg, eps, **flags,
@@ -550,7 +594,7 @@ def _gn_forward(x, weight, bias, scale, shift, num_groups, eps, act):
     nsplit = n_chunk * n_cblk
     part = torch.empty((3, B * G, nsplit), device=x.device, dtype=torch.float32)
     _gn_stats_kernel[(B * G, n_chunk, n_cblk)](
-        x3, part, *x3.stride(), hw, G, cpg, nsplit, iters,
+        x3, part, *x3.stride(), hw, G, cpg, nsplit, iters, **_add_args(add, dummy),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=nw)
     _gn_fwd_kernel[(B * G, n_stile, n_cblk)](
         x3, y3, part, mean, rstd, *params, *strides, hw, G, cpg, nsplit, eps, **flags,
@@ -559,7 +603,7 @@ def _gn_forward(x, weight, bias, scale, shift, num_groups, eps, act):
     return y, mean, rstd
 
 
-def _gn_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act):
+def _gn_backward(dy, x, weight, bias, scale, shift, add, mean, rstd, num_groups, act):
     B, C = x.shape[:2]
     G = num_groups
     cpg = C // G
@@ -578,7 +622,7 @@ def _gn_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
     w_, b_ = (weight if weight is not None else dummy), (bias if bias is not None else dummy)
     s_, h_ = (scale if scale is not None else dummy), (shift if shift is not None else dummy)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                 HAS_SHIFT=shift is not None, ACT=act)
+                 HAS_SHIFT=shift is not None, ACT=act, **_add_args(add, dummy))
     nw = _num_warps(block_c, block_s)
     if single:
         _gn_bwd_single_kernel[(B * G,)](
@@ -602,7 +646,10 @@ def _gn_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
             num_warps=nw)
     dw = pw.sum(0) if weight is not None else None
     db = pb.sum(0) if bias is not None else None
-    return dx, dw, db, dscale, dshift
+    # x + add feeds only the normalisation, so the bias's gradient is dx summed over space
+    # (training only; one extra read of dx).
+    dadd = dx3.sum(2, dtype=torch.float32) if add is not None else None
+    return dx, dw, db, dscale, dshift, dadd
 
 
 # ----------------------------------------------------------------------------- 4. custom ops
@@ -613,13 +660,14 @@ def _gn_backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act)
 
 @torch.library.custom_op("ldm_fast::group_norm_fwd", mutates_args=())
 def _group_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       scale: torch.Tensor | None, shift: torch.Tensor | None, num_groups: int,
+                       scale: torch.Tensor | None, shift: torch.Tensor | None,
+                       add: torch.Tensor | None, num_groups: int,
                        eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _gn_forward(x, weight, bias, scale, shift, num_groups, eps, act)
+    return _gn_forward(x, weight, bias, scale, shift, add, num_groups, eps, act)
 
 
 @_group_norm_fwd_op.register_fake
-def _(x, weight, bias, scale, shift, num_groups, eps, act):
+def _(x, weight, bias, scale, shift, add, num_groups, eps, act):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return _empty_out(x), stats, stats.clone()
 
@@ -627,46 +675,41 @@ def _(x, weight, bias, scale, shift, num_groups, eps, act):
 @torch.library.custom_op("ldm_fast::group_norm_bwd", mutates_args=())
 def _group_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, scale: torch.Tensor | None,
-                       shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-                       num_groups: int, act: bool) -> list[torch.Tensor]:
-    """Returns [dx, dweight, dbias, dscale, dshift]; gradients of absent inputs are empty
-    tensors (a custom op cannot return None)."""
-    dx, dw, db, dscale, dshift = _gn_backward(dy, x, weight, bias, scale, shift, mean, rstd,
-                                              num_groups, act)
-    none = x.new_empty(0)
-    return [dx,
-            dw.to(weight.dtype) if weight is not None else none,
-            db.to(bias.dtype) if bias is not None else none.clone(),
-            dscale.to(scale.dtype) if scale is not None else none.clone(),
-            dshift.to(shift.dtype) if shift is not None else none.clone()]
+                       shift: torch.Tensor | None, add: torch.Tensor | None, mean: torch.Tensor,
+                       rstd: torch.Tensor, num_groups: int, act: bool) -> list[torch.Tensor]:
+    """Returns [dx, dweight, dbias, dscale, dshift, dadd]; gradients of absent inputs are
+    empty tensors (a custom op cannot return None)."""
+    grads = _gn_backward(dy, x, weight, bias, scale, shift, add, mean, rstd, num_groups, act)
+    out = [grads[0]]
+    for g, t in zip(grads[1:], (weight, bias, scale, shift, add)):
+        out.append(g.to(t.dtype) if t is not None else x.new_empty(0))
+    return out
 
 
 @_group_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act):
+def _(dy, x, weight, bias, scale, shift, add, mean, rstd, num_groups, act):
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None \
             else x.new_empty(0)
-    return [_empty_out(x), like(weight), like(bias), like(scale), like(shift)]
+    return [_empty_out(x), like(weight), like(bias), like(scale), like(shift), like(add)]
 
 
 def _gn_setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, act = inputs
+    x, weight, bias, scale, shift, add, num_groups, eps, act = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, scale, shift, add, mean, rstd)
     ctx.num_groups = num_groups
     ctx.act = act
 
 
 def _gn_backward_rule(ctx, dy, _dmean, _drstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    dx, dw, db, dscale, dshift = _group_norm_bwd_op(dy, x, weight, bias, scale, shift, mean,
-                                                     rstd, ctx.num_groups, ctx.act)
+    x, weight, bias, scale, shift, add, mean, rstd = ctx.saved_tensors
+    grads = _group_norm_bwd_op(dy, x, weight, bias, scale, shift, add, mean, rstd,
+                               ctx.num_groups, ctx.act)
     keep = ctx.needs_input_grad
-    return (dx if keep[0] else None,
-            dw if weight is not None and keep[1] else None,
-            db if bias is not None and keep[2] else None,
-            dscale if scale is not None and keep[3] else None,
-            dshift if shift is not None and keep[4] else None,
+    present = (True, weight is not None, bias is not None, scale is not None,
+               shift is not None, add is not None)
+    return (*(g if p and k else None for g, p, k in zip(grads, present, keep)),
             None, None, None)
 
 
@@ -682,10 +725,11 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=False, scale=None,
-               shift=None):
-    """Fused GroupNorm(x) [·w+β] [·(1+scale)+shift] [→ SiLU] with fp32 statistics; output in
-    x's dtype and memory format. Differentiable in x, weight, bias, scale and shift."""
-    _check(x, num_groups, weight, bias, scale, shift)
-    y, _, _ = _group_norm_fwd_op(x, weight, bias, scale, shift, int(num_groups), float(eps),
-                                 bool(act))
+               shift=None, add=None):
+    """Fused GroupNorm(x [+ add]) [·w+β] [·(1+scale)+shift] [→ SiLU] with fp32 statistics;
+    output in x's dtype and memory format. Differentiable in x, weight, bias, scale, shift
+    and add (a (B, C) per-sample channel bias added before the statistics)."""
+    _check(x, num_groups, weight, bias, scale, shift, add)
+    y, _, _ = _group_norm_fwd_op(x, weight, bias, scale, shift, add, int(num_groups),
+                                 float(eps), bool(act))
     return y

@@ -69,18 +69,20 @@ def use_triton(x: torch.Tensor) -> bool:
 # eager implementation. Imported lazily, like every kernel module: Triton reads
 # TRITON_INTERPRET when a kernel is defined.
 
-def group_norm(x, num_groups, weight, bias, eps=1e-5, act=False, scale=None, shift=None):
-    """GroupNorm over (B, C, *spatial) → optional x·(1+scale)+shift (scale, shift: (B, C)) →
-    optional SiLU. Statistics in fp32 whatever the input dtype."""
+def group_norm(x, num_groups, weight, bias, eps=1e-5, act=False, scale=None, shift=None,
+               add=None):
+    """GroupNorm over (B, C, *spatial) of x [+ add] (add: (B, C), e.g. the ResBlock's timestep
+    embedding) → optional x·(1+scale)+shift (scale, shift: (B, C)) → optional SiLU.
+    Statistics in fp32 whatever the input dtype."""
     from ldm_fast.kernels import groupnorm as k
     if use_triton(x):
         if k.supports(x):
             return k.group_norm(x, num_groups, weight, bias, eps, act=act, scale=scale,
-                                shift=shift)
+                                shift=shift, add=add)
         _say_once("group_norm-fallback", f"group_norm: no Triton kernel for {x.dtype} "
                   f"{x.dim()}-D input; using the eager op")
     return k.group_norm_ref(x, num_groups, weight, bias, eps, act=act, scale=scale,
-                            shift=shift)
+                            shift=shift, add=add)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -13,23 +13,24 @@ from ldm_fast.kernels import groupnorm as gn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# The variants the models use, as (affine, act, scale/shift).
+# The variants the models use, as (affine, act, scale/shift, pre-norm channel bias).
 VARIANTS = {
-    "gn": (True, False, False),            # plain GroupNorm (before attention)
-    "gn_noaffine": (False, False, False),  # no weight/bias
-    "gn_silu": (True, True, False),        # ResBlock in_layers / decoder norm_out
-    "gn_scaleshift_silu": (True, True, True),  # scale-shift-norm ResBlocks
+    "gn": (True, False, False, False),            # plain GroupNorm (before attention)
+    "gn_noaffine": (False, False, False, False),  # no weight/bias
+    "gn_silu": (True, True, False, False),        # ResBlock in_layers / decoder norm_out
+    "gn_scaleshift_silu": (True, True, True, False),  # scale-shift-norm ResBlocks
+    "gn_add_silu": (True, True, False, True),     # ResBlock out_layers on h + emb
 }
 
 
 def _inputs(shape, groups, dtype, variant, channels_last=False, offset=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    affine, act, mod = VARIANTS[variant]
+    affine, act, mod, add = VARIANTS[variant]
     B, C = shape[:2]
     x = (torch.randn(shape, generator=g) * 1.5 + offset).to(DEVICE, dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    p = {"weight": None, "bias": None, "scale": None, "shift": None}
+    p = {"weight": None, "bias": None, "scale": None, "shift": None, "add": None}
     if affine:
         p["weight"] = (1 + 0.5 * torch.randn(C, generator=g)).to(DEVICE)
         p["bias"] = (0.5 * torch.randn(C, generator=g)).to(DEVICE)
@@ -38,6 +39,9 @@ def _inputs(shape, groups, dtype, variant, channels_last=False, offset=0.0, seed
         # projection, i.e. non-contiguous views.
         emb = (0.5 * torch.randn(B, 2 * C, generator=g)).to(DEVICE, dtype)
         p["scale"], p["shift"] = emb.chunk(2, dim=1)
+    if add:
+        # As the UNet makes it: a slice of the embedding projection, offset from zero.
+        p["add"] = (1.0 + torch.randn(B, 2 * C, generator=g)).to(DEVICE, dtype)[:, :C]
     return x, p, act
 
 
@@ -46,8 +50,8 @@ def _run(fn, x, p, groups, act, dy):
     leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
               for k, v in p.items()}
     xl = x.detach().clone().requires_grad_()
-    y = fn(xl, groups, leaves["weight"], leaves["bias"], 1e-5, act=act,
-           scale=leaves["scale"], shift=leaves["shift"])
+    extra = {k: leaves[k] for k in ("scale", "shift", "add") if leaves[k] is not None}
+    y = fn(xl, groups, leaves["weight"], leaves["bias"], 1e-5, act=act, **extra)
     ins = [xl] + [t for t in leaves.values() if t is not None]
     grads = torch.autograd.grad(y, ins, dy.to(y.dtype))
     return y, grads
@@ -111,7 +115,7 @@ def test_variants_odd_spatial(variant, dtype, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["gn_silu", "gn_scaleshift_silu"])
+@pytest.mark.parametrize("variant", ["gn_silu", "gn_scaleshift_silu", "gn_add_silu"])
 def test_channels_last(variant, dtype, path):
     _compare((2, 24, 7, 9), 8, dtype, variant, channels_last=True)
 
@@ -141,6 +145,7 @@ def test_multi_tile_and_multi_chunk_paths(monkeypatch):
     assert (n_cblk, iters, n_chunk) == (3, 3, 3)   # 3 channel blocks, 3 tiles × 3 chunks
     _compare((1, 12, 5, 7), 1, torch.float32, "gn_scaleshift_silu")
     _compare((1, 12, 5, 7), 1, torch.float32, "gn_silu", channels_last=True)
+    _compare((1, 12, 5, 7), 1, torch.float32, "gn_add_silu", channels_last=True)
 
 
 def test_only_some_inputs_need_grad():
@@ -159,10 +164,20 @@ def test_custom_op_registration():
     """Schema, fake (meta) implementation and autograd registration agree with the kernel."""
     x, p, act = _inputs((2, 8, 3, 5), 4, torch.float32, "gn_scaleshift_silu")
     args = (x.requires_grad_(), *(p[k].requires_grad_() for k in ("weight", "bias")),
-            *(p[k].detach().clone().requires_grad_() for k in ("scale", "shift")), 4, 1e-5, act)
+            *(p[k].detach().clone().requires_grad_() for k in ("scale", "shift")),
+            torch.randn(2, 8).requires_grad_(), 4, 1e-5, act)
     torch.library.opcheck(torch.ops.ldm_fast.group_norm_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
+
+
+def test_pre_norm_bias_is_the_resblock_sum():
+    """add= is GroupNorm(h + emb[..., None, None]) — what the ResBlock computes eagerly."""
+    x, p, act = _inputs((2, 8, 5, 5), 4, torch.float32, "gn_add_silu")
+    y = gn.group_norm(x, 4, p["weight"], p["bias"], 1e-5, act, add=p["add"])
+    y_sum = gn.group_norm_ref(x + p["add"][:, :, None, None], 4, p["weight"], p["bias"], 1e-5,
+                              act)
+    assert _err(y, y_sum) <= 1e-5 * y_sum.abs().max().item()
 
 
 def test_bad_inputs_raise():
@@ -271,11 +286,13 @@ def test_kernels_compile_for_sm90():
     m = "ldm_fast.kernels.groupnorm"
     jobs = []
     for dt, ones in (("fp16", {}), ("bf16", {"HW": 1, "CPG": 1, "ITERS": 1, "sxs": 1})):
-        ptrs = {a: "*" + dt for a in ("X", "Y", "DY", "DX", "W", "BETA", "SCALE", "SHIFT")}
+        ptrs = {a: "*" + dt for a in ("X", "Y", "DY", "DX", "W", "BETA", "SCALE", "SHIFT",
+                                              "ADD")}
         ptrs.update({a: "*fp32" for a in ("PART", "MEAN", "RSTD", "PS1", "PS2", "PW", "PB",
                                           "DSCALE", "DSHIFT")}, eps="fp32")
-        flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, ACT=True)
-        for name, extra in (("_gn_stats_kernel", {}), ("_gn_fwd_kernel", dict(flags, BLOCK_P=16)),
+        flags = dict(HAS_W=True, HAS_B=True, HAS_SCALE=True, HAS_SHIFT=True, ACT=True,
+                     HAS_ADD=True)
+        for name, extra in (("_gn_stats_kernel", {"HAS_ADD": True}), ("_gn_fwd_kernel", dict(flags, BLOCK_P=16)),
                             ("_gn_bwd_reduce_kernel", flags),
                             ("_gn_bwd_dx_kernel", dict(flags, BLOCK_P=16)),
                             ("_gn_fwd_single_kernel", flags), ("_gn_bwd_single_kernel", flags)):
