@@ -157,7 +157,8 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(in_ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(ops.channels_last(z)))
+        side = z.shape[-1] * 2 ** (len(self.up) - 1)   # the output's side: where most of the work is
+        h = self.mid(self.conv_in(ops.channels_last(z, largest_map=side * side)))
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
                 h = block(h)

@@ -10,16 +10,18 @@ from ldm_fast import ops
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state-dict keys) with an optional fused SiLU and
-    scale/shift, computed by `ops.group_norm` so the kernel switch reaches it."""
+    """nn.GroupNorm (same parameters and state-dict keys) with an optional fused SiLU,
+    scale/shift and pre-norm channel bias, computed by `ops.group_norm` so the kernel switch
+    reaches it."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, act: bool = False):
         super().__init__(num_groups, num_channels, eps=eps)
         self.act = act
 
-    def forward(self, x, scale=None, shift=None):
+    def forward(self, x, scale=None, shift=None, add=None):
+        """add: (B, C), added to x before the statistics (the ResBlock's h + emb)."""
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                              act=self.act, scale=scale, shift=shift)
+                              act=self.act, scale=scale, shift=shift, add=add)
 
 
 class Conv2d(nn.Conv2d):

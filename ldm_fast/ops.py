@@ -183,18 +183,35 @@ def model_fast_path(x: torch.Tensor) -> bool:
     return name == "triton" or not x.is_cuda
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
+def channels_last(x: torch.Tensor, largest_map: int | None = None) -> torch.Tensor:
     """A 4-D activation in the layout the convolutions prefer under the current backend:
     channels-last on the fast path (on CUDA only for fp16/bf16, where cuDNN's tensor-core
     convolutions are NHWC-native), else unchanged. Convolutions, GroupNorm, elementwise ops,
     concatenation, pooling and nearest upsampling keep the layout, so converting the model's
-    input once carries it through the network."""
+    input once carries it through the network. `largest_map`: positions (H·W) of the largest
+    feature map the network will convolve (a decoder's output side², not its latent's);
+    default x's own."""
     if x.dim() != 4 or not model_fast_path(x):
         return x
     if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
         return x
-    if not x.is_cuda and x.shape[-2] * x.shape[-1] < 256:
+    if not x.is_cuda and (largest_map or x.shape[-2] * x.shape[-1]) < 256:
         # oneDNN's NHWC convolutions lose on small maps: the tiny UNet (8×8) measured 4%
         # slower channels-last, while the SD-shaped UNet (32×32) and the decoders gained 9–16%.
         return x
     return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- GEGLU
+# The fused kernel is kernels/geglu.py; eager is its reference in the input dtype, the
+# original module's maths (chunk, exact GELU, product).
+
+def geglu(h):
+    """a · GELU(gate) for [a | gate] = h split in half along the last dim."""
+    from ldm_fast.kernels import geglu as k
+    if use_triton(h):
+        if k.supports(h):
+            return k.geglu(h)
+        _say_once("geglu-fallback", f"geglu: no Triton kernel for {h.dtype} input of shape "
+                  f"{tuple(h.shape)}; using the eager op")
+    return k.geglu_ref(h)

@@ -83,7 +83,7 @@ class ResBlock(nn.Module):
             scale, shift = e.chunk(2, dim=1)
             h = self.out_layers[0](h, scale=scale, shift=shift)
         else:
-            h = self.out_layers[0](h + e[:, :, None, None])
+            h = self.out_layers[0](h, add=e)   # GroupNorm(h + e): the add rides in the norm's pass
         h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
 
@@ -142,8 +142,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return ops.geglu(self.proj(x))   # x · GELU(gate), fused under the kernel switch
 
 
 class FeedForward(nn.Module):
