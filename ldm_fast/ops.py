@@ -215,3 +215,18 @@ def geglu(h):
         _say_once("geglu-fallback", f"geglu: no Triton kernel for {h.dtype} input of shape "
                   f"{tuple(h.shape)}; using the eager op")
     return k.geglu_ref(h)
+
+
+# ----------------------------------------------------------------------------- residual add + LayerNorm
+# The fused kernel is kernels/add_layernorm.py; eager is its reference in the input dtype
+# (the add, then F.layer_norm: the original transformer block's maths).
+
+def add_layer_norm(x, r, weight, bias, eps=1e-5):
+    """(x + r, LayerNorm(x + r)) over the last dim: a residual add and the next pre-norm."""
+    from ldm_fast.kernels import add_layernorm as k
+    if use_triton(x):
+        if k.supports(x, r, weight, bias):
+            return k.add_layer_norm(x, r, weight, bias, eps)
+        _say_once("add_layer_norm-fallback", f"add_layer_norm: no Triton kernel for {x.dtype} "
+                  f"width {x.shape[-1]} (or no affine); using the eager ops")
+    return k.add_layer_norm_ref(x, r, weight, bias, eps)

@@ -168,9 +168,10 @@ class BasicTransformerBlock(nn.Module):
         return _maybe_checkpoint(self, self._forward, x, context)
 
     def _forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # Each residual add that a LayerNorm follows is fused with it (ops.add_layer_norm).
+        x, h = ops.add_layer_norm(x, self.attn1(self.norm1(x)), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x, h = ops.add_layer_norm(x, self.attn2(h, context), self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        return x + self.ff(h)
 
 
 class SpatialTransformer(nn.Module):
