@@ -191,7 +191,9 @@ def channels_last(x: torch.Tensor, largest_map: int | None = None) -> torch.Tens
     input once carries it through the network. `largest_map`: positions (H·W) of the largest
     feature map the network will convolve (a decoder's output side², not its latent's);
     default x's own."""
-    if x.dim() != 4 or not model_fast_path(x):
+    if x.dim() != 4 or not model_fast_path(x) or torch.compiler.is_compiling():
+        # Under torch.compile the compiler picks layouts; forcing one here would make every
+        # convolution re-lay out its (graph-input) weight on each call.
         return x
     if x.is_cuda and x.dtype not in (torch.float16, torch.bfloat16):
         return x
