@@ -31,16 +31,25 @@ class Conv2d(nn.Conv2d):
     fifth of the tiny UNet's CPU step — and the other way round for the opposite mix; so the
     weight follows the input's layout, re-laid out in place once per change: same values and
     shape, `state_dict()` unchanged apart from strides (checkpoints are saved contiguous).
-    Inside torch.compile the compiler chooses layouts itself."""
+    Only where that cannot disturb anything else: no gradient being recorded for the weight
+    (optimiser state and DDP buckets keep their layout), the weight owning its whole storage
+    (not a view into an FSDP all-gather buffer), and not inside torch.compile, which chooses
+    layouts itself."""
+
+    def _relayout(self, x) -> None:
+        w = self.weight.data
+        if (x.dim() != 4 or (torch.is_grad_enabled() and self.weight.requires_grad)
+                or torch.compiler.is_compiling()
+                or w.untyped_storage().nbytes() != w.numel() * w.element_size()):
+            return
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            if x.is_contiguous(memory_format=fmt):
+                if not w.is_contiguous(memory_format=fmt):
+                    self.weight.data = w.contiguous(memory_format=fmt)
+                return
 
     def forward(self, x):
-        if x.dim() == 4 and not torch.compiler.is_compiling():
-            w = self.weight.data
-            for fmt in (torch.channels_last, torch.contiguous_format):
-                if x.is_contiguous(memory_format=fmt):
-                    if not w.is_contiguous(memory_format=fmt):
-                        self.weight.data = w.contiguous(memory_format=fmt)
-                    break
+        self._relayout(x)
         return super().forward(x)
 
 

@@ -107,10 +107,20 @@ def test_conv_weight_follows_the_input_layout():
     conv, ref = Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
     ref.load_state_dict(conv.state_dict())
     x = torch.randn(2, 8, 6, 6)
+    # While a gradient is recorded the weight is left alone (optimiser state, DDP buckets).
     torch.testing.assert_close(conv(x.contiguous(memory_format=CL)), ref(x), atol=1e-5, rtol=1e-5)
-    assert conv.weight.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(conv(x), ref(x), atol=1e-5, rtol=1e-5)
     assert conv.weight.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x.contiguous(memory_format=CL)), ref(x), atol=1e-5, rtol=1e-5)
+        assert conv.weight.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(conv(x), ref(x), atol=1e-5, rtol=1e-5)
+        assert conv.weight.is_contiguous()
+        # A weight that is a view into a larger buffer (FSDP's all-gather) is never replaced.
+        flat = torch.zeros(conv.weight.numel() + 8)
+        flat[:conv.weight.numel()] = conv.weight.flatten()
+        conv.weight.data = flat[:conv.weight.numel()].view_as(conv.weight)
+        conv(x.contiguous(memory_format=CL))
+        assert conv.weight.data_ptr() == flat.data_ptr()
     assert torch.equal(conv.state_dict()["weight"], ref.state_dict()["weight"])
 
 
