@@ -71,3 +71,16 @@ def test_bad_arguments_get_one_line_and_exit_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--parts: unknown ['nope']" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_without_diffusers_ldm_fast_is_still_timed(tmp_path, monkeypatch):
+    """The GPU image has no diffusers: every row times ldm_fast alone and says why."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)   # import diffusers now raises ImportError
+    out = tmp_path / "peers.json"
+    assert load().main(["--smoke", "--parts", "unet-tiny,ddim-loop,train", "--modes", "eager",
+                        "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["diffusers"] is None and len(data["rows"]) == 3
+    for r in data["rows"]:
+        assert r["ours"]["n"] == 2 and "theirs" not in r and "ratio" not in r
+        assert "diffusers is not installed" in r["theirs_skipped"]
