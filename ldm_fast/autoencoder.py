@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm_fast import ops
 from ldm_fast.config import AutoencoderConfig
-from ldm_fast.layers import Conv2d, GroupNorm, Upsample
+from ldm_fast.layers import Conv2d, GroupNorm, TokenConv2d, Upsample
 
 
 def _norm(channels: int, groups: int, act: bool = False) -> GroupNorm:
@@ -48,20 +48,18 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = _norm(channels, groups)
-        self.q = Conv2d(channels, channels, 1)
-        self.k = Conv2d(channels, channels, 1)
-        self.v = Conv2d(channels, channels, 1)
-        self.proj_out = Conv2d(channels, channels, 1)
+        # 1×1 convolutions in the checkpoints, applied to (B, H·W, C) tokens as matmuls.
+        self.q = TokenConv2d(channels, channels, 1)
+        self.k = TokenConv2d(channels, channels, 1)
+        self.v = TokenConv2d(channels, channels, 1)
+        self.proj_out = TokenConv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        # (B, C, H, W) → (B, H·W, C) tokens (a view when x is channels-last); the 1×1 conv
-        # projections (the checkpoints' layout) are applied to them as matmuls.
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
-        q, k, v = (F.linear(tokens, m.weight.flatten(1), m.bias).unsqueeze(1) for m in (self.q, self.k, self.v))
-        out = ops.attention(q, k, v).squeeze(1)           # (B, H·W, C): one head
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)   # (B, H·W, C): a view when channels-last
+        q, k, v = (m(tokens).unsqueeze(1) for m in (self.q, self.k, self.v))   # one head
+        out = ops.attention(q, k, v).squeeze(1)
+        return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

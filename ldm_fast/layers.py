@@ -37,20 +37,36 @@ class Conv2d(nn.Conv2d):
     layouts itself."""
 
     def _relayout(self, x) -> None:
+        if x.dim() != 4:
+            return
         w = self.weight.data
-        if (x.dim() != 4 or (torch.is_grad_enabled() and self.weight.requires_grad)
-                or torch.compiler.is_compiling()
+        fmt = next((f for f in (torch.contiguous_format, torch.channels_last) if x.is_contiguous(memory_format=f)),
+                   None)
+        if (fmt is None or w.is_contiguous(memory_format=fmt)
+                or (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling()
                 or w.untyped_storage().nbytes() != w.numel() * w.element_size()):
             return
-        for fmt in (torch.channels_last, torch.contiguous_format):
-            if x.is_contiguous(memory_format=fmt):
-                if not w.is_contiguous(memory_format=fmt):
-                    self.weight.data = w.contiguous(memory_format=fmt)
-                return
+        self.weight.data = w.contiguous(memory_format=fmt)
 
     def forward(self, x):
         self._relayout(x)
         return super().forward(x)
+
+
+class TokenConv1d(nn.Conv1d):
+    """A 1×1 convolution kept as nn.Conv1d — the checkpoints' layout, weight (out, in, 1) —
+    but applied to tokens (B, T, in) → (B, T, out) as one matmul: the attention projections'
+    inputs are already token-major, so no transpose copy is made around a convolution."""
+
+    def forward(self, tokens):
+        return F.linear(tokens, self.weight[..., 0], self.bias)
+
+
+class TokenConv2d(nn.Conv2d):
+    """TokenConv1d's 2-D twin: a 1×1 nn.Conv2d (weight (out, in, 1, 1)) applied to tokens."""
+
+    def forward(self, tokens):
+        return F.linear(tokens, self.weight.flatten(1), self.bias)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

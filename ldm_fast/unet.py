@@ -21,7 +21,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_fast import ops
 from ldm_fast.config import UNetConfig
-from ldm_fast.layers import Conv2d, GroupNorm, Upsample, zero_module
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = ()   # isinstance(x, ()) is always False
+from ldm_fast.layers import Conv2d, GroupNorm, TokenConv1d, Upsample, zero_module
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -95,20 +100,18 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.norm = GroupNorm(groups, channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        # 1×1 convolutions in the checkpoints, applied to (B, T, C) tokens as matmuls.
+        self.qkv = TokenConv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(TokenConv1d(channels, channels, 1))
 
     def forward(self, x):
         b, c, *spatial = x.shape
-        # The 1×1 Conv1d projections (the checkpoints' layout) are applied as matmuls on
-        # (B, T, C) tokens: one GEMM each, and no copy when x is channels-last.
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
-        qkv = F.linear(tokens, self.qkv.weight[..., 0], self.qkv.bias)   # (B, T, 3C)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)   # (B, T, C): a view when channels-last
+        qkv = self.qkv(tokens)                               # (B, T, 3C)
         # The released checkpoints order qkv head-major ("legacy" order): per head, q then k then v.
         q, k, v = qkv.reshape(b, -1, self.num_heads, 3 * c // self.num_heads).transpose(1, 2).chunk(3, dim=-1)
         out = ops.attention(q, k, v).transpose(1, 2).reshape(b, -1, c)   # (B, T, C)
-        out = F.linear(out, self.proj_out.weight[..., 0], self.proj_out.bias)
-        return x + out.transpose(1, 2).reshape(b, c, *spatial)
+        return x + self.proj_out(out).transpose(1, 2).reshape(b, c, *spatial)
 
 
 class CrossAttention(nn.Module):
@@ -223,6 +226,11 @@ class TimeEmbeddingProjections:
         self.sizes = [b.emb_layers[1].out_features for b in blocks]
         self._key, self._cached = None, None
 
+    def applicable(self) -> bool:
+        """False while the weights are sharded (FSDP's DTensors): a block's shard is gathered
+        only for its own forward, after this would have run."""
+        return bool(self.blocks) and not any(isinstance(b.emb_layers[1].weight, DTensor) for b in self.blocks)
+
     def _weights(self):
         lins = [b.emb_layers[1] for b in self.blocks]
         if torch.is_grad_enabled() and any(m.weight.requires_grad for m in lins):
@@ -317,7 +325,7 @@ class UNet(nn.Module):
         # The fast path (ops.model_fast_path): channels-last activations and every ResBlock's
         # time-embedding projection in one matmul; the output is handed back contiguous.
         fast = ops.model_fast_path(x)
-        if fast:
+        if fast and self.time_projections.applicable():
             emb = self.time_projections(emb)
         h, skips = ops.channels_last(x), []
         for block in self.input_blocks:
