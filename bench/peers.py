@@ -34,12 +34,10 @@ times are still reported. JSON + Markdown go to bench/results/peers-<machine>.js
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -202,8 +200,9 @@ def diffusers_kl(ours: AutoencoderKL):
 
 
 # ----------------------------------------------------------------------------- the rows
-# Each builder returns (ours, theirs, make_inputs): two callables on the same inputs, returning
-# the tensor compared for equality. `theirs` is None when diffusers cannot run (reason given).
+# Each builder returns (ours, theirs, why): two argument-less callables on the same weights and
+# inputs, each returning the tensor compared for equality; `theirs` is None when diffusers
+# cannot run, and `why` then says so.
 
 def _rand(shape, seed, device, dtype=torch.float32):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)

@@ -219,7 +219,9 @@ class TimeEmbeddingProjections:
     once, one matmul against their weights concatenated along the output dimension, then split
     per block — the same maths as each block's own emb_layers, ~20 small GEMMs fewer per step.
     The weights stay per block (checkpoints unchanged); their concatenation is cached while
-    no weight changes (tensor version counters) and rebuilt inside autograd when training."""
+    no weight changes (tensor version counters); rebuilt inside autograd when training and
+    under torch.compile (which traces the concatenation into its graph). Writes through
+    `.data` bypass version counters: after such a write, drop the cache (`_key = None`)."""
 
     def __init__(self, blocks: list[ResBlock]):
         self.blocks = blocks
@@ -233,7 +235,7 @@ class TimeEmbeddingProjections:
 
     def _weights(self):
         lins = [b.emb_layers[1] for b in self.blocks]
-        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in lins):
+        if (torch.is_grad_enabled() and any(m.weight.requires_grad for m in lins)) or torch.compiler.is_compiling():
             return torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins])
         key = tuple((id(m.weight), m.weight._version, m.bias._version, m.weight.dtype, m.weight.device)
                     for m in lins)
