@@ -1,6 +1,6 @@
 """ldm_fast against diffusers on the same weights, side by side in one run.
 
-    python bench/peers.py                              # default rows, ~4 min on a 2-core CPU
+    python bench/peers.py                              # default rows, ~3.5 min on a 2-core CPU
     python bench/peers.py --parts unet-tiny,decode-tiny --modes eager,bf16,compile
     python bench/peers.py --smoke                      # tiny sizes, 2 repeats (tests)
 
