@@ -37,13 +37,19 @@ MAX_WIDTH = 8192   # one row per program, held in registers: SD's widest transfo
 # ----------------------------------------------------------------------------- 1. reference
 
 def add_layer_norm_ref(x, r, weight, bias, eps=1e-5, upcast=False):
-    """(x + r, LayerNorm(x + r)) over the last dim. upcast=False (the eager path, the
-    original block's maths) computes in the inputs' dtype; upcast=True in fp32, cast back."""
-    dt = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
+    """(x + r, LayerNorm(x + r)) over the last dim. upcast=False (the eager path) is the
+    original block's maths exactly: the add with PyTorch's type promotion, then F.layer_norm
+    (under autocast it runs in fp32, as it would there). upcast=True computes in fp32 (or
+    wider) and casts both results back to the promoted input dtype."""
+    if not upcast:
+        s = x + r
+        return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    out_dt = torch.promote_types(x.dtype, r.dtype)
+    dt = torch.promote_types(out_dt, torch.float32)
     s = x.to(dt) + r.to(dt)
     y = F.layer_norm(s, s.shape[-1:], None if weight is None else weight.to(dt),
                      None if bias is None else bias.to(dt), eps)
-    return s.to(x.dtype), y.to(x.dtype)
+    return s.to(out_dt), y.to(out_dt)
 
 
 # ----------------------------------------------------------------------------- 2. kernels

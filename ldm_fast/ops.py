@@ -229,6 +229,7 @@ def add_layer_norm(x, r, weight, bias, eps=1e-5):
     if use_triton(x):
         if k.supports(x, r, weight, bias):
             return k.add_layer_norm(x, r, weight, bias, eps)
-        _say_once("add_layer_norm-fallback", f"add_layer_norm: no Triton kernel for {x.dtype} "
-                  f"width {x.shape[-1]} (or no affine); using the eager ops")
+        _say_once("add_layer_norm-fallback", f"add_layer_norm: no Triton kernel for {x.dtype} + "
+                  f"{r.dtype} (the kernel needs one dtype), width {x.shape[-1]} (at most "
+                  f"{k.MAX_WIDTH}) or a norm without affine; using the eager ops")
     return k.add_layer_norm_ref(x, r, weight, bias, eps)

@@ -92,3 +92,16 @@ def test_add_layer_norm_compiles_as_one_op():
     compiled = torch.compile(kl.add_layer_norm, fullgraph=True, backend="eager")
     for got, want in zip(compiled(x, r, w, b), kl.add_layer_norm_ref(x, r, w, b)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_dtypes_fall_back_to_the_original_maths():
+    """An fp32 residual stream plus a bf16 branch (autocast): no kernel for mixed dtypes, so
+    the switch says so once and runs the original add (type promotion) and LayerNorm."""
+    x, r = _rand((2, 3, 16), 8, torch.float32), _rand((2, 3, 16), 9, torch.bfloat16)
+    w, b = torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE)
+    ops.set_backend("triton")
+    ops._warned.discard("add_layer_norm-fallback")   # said once per process: make this the once
+    with pytest.warns(UserWarning, match="needs one dtype"):
+        s, y = ops.add_layer_norm(x, r, w, b)
+    assert s.dtype == torch.float32 and torch.equal(s, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (16,), w, b))
