@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm_fast import ops
 from ldm_fast.config import AutoencoderConfig
-from ldm_fast.layers import GroupNorm, Upsample
+from ldm_fast.layers import Conv2d, GroupNorm, TokenConv2d, Upsample
 
 
 def _norm(channels: int, groups: int, act: bool = False) -> GroupNorm:
@@ -30,11 +30,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = _norm(in_ch, groups, act=True)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = _norm(out_ch, groups, act=True)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(self.norm1(x))
@@ -48,18 +48,18 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = _norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        # 1×1 convolutions in the checkpoints, applied to (B, H·W, C) tokens as matmuls.
+        self.q = TokenConv2d(channels, channels, 1)
+        self.k = TokenConv2d(channels, channels, 1)
+        self.v = TokenConv2d(channels, channels, 1)
+        self.proj_out = TokenConv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        hn = self.norm(x)
-        # (B, C, H, W) → (B, 1 head, H·W, C): the layout ops.attention expects.
-        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(hn), self.k(hn), self.v(hn)))
-        out = ops.attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)   # (B, H·W, C): a view when channels-last
+        q, k, v = (m(tokens).unsqueeze(1) for m in (self.q, self.k, self.v))   # one head
+        out = ops.attention(q, k, v).squeeze(1)
+        return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):
@@ -67,7 +67,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -97,7 +97,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig, out_channels: int):
         super().__init__()
         ch, g = cfg.base_channels, cfg.groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         in_ch, side = ch, cfg.resolution
         for i, mult in enumerate(cfg.channel_mult):
@@ -113,10 +113,11 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _Mid(in_ch, g, cfg.dropout, cfg.mid_attention)
         self.norm_out = _norm(in_ch, g, act=True)
-        self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
+        self.conv_out = Conv2d(in_ch, out_channels, 3, padding=1)
 
     def forward(self, x):
-        h = self.conv_in(x)
+        # Channels-last on the fast path (ops.channels_last): every layer below keeps it.
+        h = self.conv_in(ops.channels_last(x))
         for level in self.down:
             for j, block in enumerate(level.block):
                 h = block(h)
@@ -124,7 +125,7 @@ class Encoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        return self.conv_out(self.norm_out(self.mid(h)))
+        return self.conv_out(self.norm_out(self.mid(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -133,7 +134,7 @@ class Decoder(nn.Module):
         ch, g, levels = cfg.base_channels, cfg.groups, len(cfg.channel_mult)
         in_ch = ch * cfg.channel_mult[-1]
         side = cfg.resolution // 2 ** (levels - 1)
-        self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, in_ch, 3, padding=1)
         self.mid = _Mid(in_ch, g, cfg.dropout, cfg.mid_attention)
         # Built lowest resolution first, stored so that up[0] is the highest resolution
         # (the original layout, which checkpoint conversion relies on).
@@ -151,10 +152,11 @@ class Decoder(nn.Module):
             up.insert(0, level)
         self.up = nn.ModuleList(up)
         self.norm_out = _norm(in_ch, g, act=True)
-        self.conv_out = nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = Conv2d(in_ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))
+        side = z.shape[-1] * 2 ** (len(self.up) - 1)   # the output's side: where most of the work is
+        h = self.mid(self.conv_in(ops.channels_last(z, largest_map=side * side)))
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
                 h = block(h)
@@ -162,7 +164,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(self.norm_out(h))
+        return self.conv_out(self.norm_out(h)).contiguous()
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -226,8 +228,8 @@ class AutoencoderKL(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg, 2 * cfg.z_channels)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
         # The learned log-variance of the reconstruction term lives with the loss in the
         # original code; it is part of the model here so one checkpoint holds all of stage 1.
         self.logvar = nn.Parameter(torch.zeros(()))
@@ -257,9 +259,9 @@ class VQModel(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg, cfg.z_channels)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.z_channels, cfg.vq_beta)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, x):
         """Pre-quantisation latent: the quantiser belongs to the decoder (paper Sec. 3.1)."""

@@ -21,7 +21,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_fast import ops
 from ldm_fast.config import UNetConfig
-from ldm_fast.layers import GroupNorm, Upsample, zero_module
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = ()   # isinstance(x, ()) is always False
+from ldm_fast.layers import Conv2d, GroupNorm, TokenConv1d, Upsample, zero_module
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -42,7 +47,7 @@ def _maybe_checkpoint(module: nn.Module, fn, *args):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -57,31 +62,33 @@ class ResBlock(nn.Module):
         self.scale_shift = scale_shift
         # Indices mirror the original Sequential(norm, SiLU, conv): SiLU is fused into the norm.
         self.in_layers = nn.Sequential(GroupNorm(groups, in_ch, act=True), nn.Identity(),
-                                       nn.Conv2d(in_ch, out_ch, 3, padding=1))
+                                       Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch))
         self.out_layers = nn.Sequential(GroupNorm(groups, out_ch, act=True), nn.Identity(), nn.Dropout(dropout),
-                                        zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
-        self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+                                        zero_module(Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.skip_connection = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.resample = resample
         if resample == "up":
             self.h_upd = self.x_upd = lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest")
         elif resample == "down":
             self.h_upd = self.x_upd = lambda t: F.avg_pool2d(t, 2)
 
-    def forward(self, x, emb):
-        return _maybe_checkpoint(self, self._forward, x, emb)
+    def forward(self, x, emb, projected: bool = False):
+        """emb: the UNet's time embedding (B, emb_dim), or with `projected` this block's
+        emb_layers(emb) already computed (TimeEmbeddingProjections)."""
+        return _maybe_checkpoint(self, self._forward, x, emb, projected)
 
-    def _forward(self, x, emb):
+    def _forward(self, x, emb, projected=False):
         h = self.in_layers[0](x)
         if self.resample:
             h, x = self.h_upd(h), self.x_upd(x)
         h = self.in_layers[2](h)
-        e = self.emb_layers(emb).to(h.dtype)
+        e = (emb if projected else self.emb_layers(emb)).to(h.dtype)
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = self.out_layers[0](h, scale=scale, shift=shift)
         else:
-            h = self.out_layers[0](h + e[:, :, None, None])
+            h = self.out_layers[0](h, add=e)   # GroupNorm(h + e): the add rides in the norm's pass
         h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
 
@@ -93,17 +100,18 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.norm = GroupNorm(groups, channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        # 1×1 convolutions in the checkpoints, applied to (B, T, C) tokens as matmuls.
+        self.qkv = TokenConv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(TokenConv1d(channels, channels, 1))
 
     def forward(self, x):
         b, c, *spatial = x.shape
-        qkv = self.qkv(self.norm(x).reshape(b, c, -1))
+        tokens = self.norm(x).flatten(2).transpose(1, 2)   # (B, T, C): a view when channels-last
+        qkv = self.qkv(tokens)                               # (B, T, 3C)
         # The released checkpoints order qkv head-major ("legacy" order): per head, q then k then v.
-        q, k, v = qkv.reshape(b, self.num_heads, 3 * c // self.num_heads, -1).transpose(2, 3).chunk(3, dim=-1)
-        out = ops.attention(q, k, v)  # (B, heads, T, C/heads)
-        out = out.transpose(2, 3).reshape(b, c, -1)
-        return x + self.proj_out(out).reshape(b, c, *spatial)
+        q, k, v = qkv.reshape(b, -1, self.num_heads, 3 * c // self.num_heads).transpose(1, 2).chunk(3, dim=-1)
+        out = ops.attention(q, k, v).transpose(1, 2).reshape(b, -1, c)   # (B, T, C)
+        return x + self.proj_out(out).transpose(1, 2).reshape(b, c, *spatial)
 
 
 class CrossAttention(nn.Module):
@@ -137,8 +145,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return ops.geglu(self.proj(x))   # x · GELU(gate), fused under the kernel switch
 
 
 class FeedForward(nn.Module):
@@ -164,9 +171,10 @@ class BasicTransformerBlock(nn.Module):
         return _maybe_checkpoint(self, self._forward, x, context)
 
     def _forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # Each residual add that a LayerNorm follows is fused with it (ops.add_layer_norm).
+        x, h = ops.add_layer_norm(x, self.attn1(self.norm1(x)), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x, h = ops.add_layer_norm(x, self.attn2(h, context), self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        return x + self.ff(h)
 
 
 class SpatialTransformer(nn.Module):
@@ -176,10 +184,10 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
-        self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+        self.proj_out = zero_module(Conv2d(inner, channels, 1))
 
     def forward(self, x, context=None):
         b, c, h, w = x.shape
@@ -195,14 +203,52 @@ class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the time embedding to ResBlocks and the context to transformers."""
 
     def forward(self, x, emb, context=None):
+        """emb: the time embedding, or a dict ResBlock → its projected embedding."""
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb[layer], projected=True) if isinstance(emb, dict) else layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
                 x = layer(x)
         return x
+
+
+class TimeEmbeddingProjections:
+    """The time-embedding projections (SiLU → Linear) of many ResBlocks computed at once: SiLU
+    once, one matmul against their weights concatenated along the output dimension, then split
+    per block — the same maths as each block's own emb_layers, ~20 small GEMMs fewer per step.
+    The weights stay per block (checkpoints unchanged); their concatenation is cached while
+    no weight changes (tensor version counters); rebuilt inside autograd when training and
+    under torch.compile (which traces the concatenation into its graph). Writes through
+    `.data` bypass version counters: after such a write, drop the cache (`_key = None`)."""
+
+    def __init__(self, blocks: list[ResBlock]):
+        self.blocks = blocks
+        self.sizes = [b.emb_layers[1].out_features for b in blocks]
+        self._key, self._cached = None, None
+
+    def applicable(self) -> bool:
+        """False while the weights are sharded (FSDP's DTensors): a block's shard is gathered
+        only for its own forward, after this would have run."""
+        return bool(self.blocks) and not any(isinstance(b.emb_layers[1].weight, DTensor) for b in self.blocks)
+
+    def _weights(self):
+        lins = [b.emb_layers[1] for b in self.blocks]
+        if (torch.is_grad_enabled() and any(m.weight.requires_grad for m in lins)) or torch.compiler.is_compiling():
+            return torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins])
+        key = tuple((id(m.weight), m.weight._version, m.bias._version, m.weight.dtype, m.weight.device)
+                    for m in lins)
+        if key != self._key:
+            with torch.no_grad():
+                self._cached = torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins])
+            self._key = key
+        return self._cached
+
+    def __call__(self, emb: torch.Tensor) -> dict:
+        weight, bias = self._weights()
+        out = F.linear(F.silu(emb), weight, bias).split(self.sizes, dim=1)
+        return dict(zip(self.blocks, out))
 
 
 class UNet(nn.Module):
@@ -228,7 +274,7 @@ class UNet(nn.Module):
                                           cfg.context_dim or None, g, cfg.dropout)
             return AttentionBlock(ch, heads, g)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -259,8 +305,11 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm(g, ch, act=True), nn.Identity(),
-                                 zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
+                                 zero_module(Conv2d(mc, cfg.out_channels, 3, padding=1)))
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        # Not a submodule: it holds references to the ResBlocks, no parameters of its own.
+        self.__dict__["time_projections"] = TimeEmbeddingProjections(
+            [m for m in self.modules() if isinstance(m, ResBlock)])
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for m in self.modules():
@@ -275,11 +324,17 @@ class UNet(nn.Module):
             if class_labels is None:
                 raise ValueError("this UNet is class-conditional: pass class_labels")
             emb = emb + self.label_emb(class_labels)
-        h, skips = x, []
+        # The fast path (ops.model_fast_path): channels-last activations and every ResBlock's
+        # time-embedding projection in one matmul; the output is handed back contiguous.
+        fast = ops.model_fast_path(x)
+        if fast and self.time_projections.applicable():
+            emb = self.time_projections(emb)
+        h, skips = ops.channels_last(x), []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out[2](self.out[0](h))
+        out = self.out[2](self.out[0](h))
+        return out.contiguous() if fast else out
