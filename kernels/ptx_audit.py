@@ -280,8 +280,27 @@ def sampler_cases(quick: bool):
     return [("sampler steps 2x4x64² fp32 latent", run, (ss,), True, "", False)]
 
 
+def transformer_cases(quick: bool):
+    """The SpatialTransformer's other fused ops at SD1.5's 64² level (4096 tokens of 320
+    channels, batch 2): GEGLU on the 2·1280-wide projection, residual add + LayerNorm."""
+    from ldm_fast.kernels import add_layernorm as aln
+    from ldm_fast.kernels import geglu as gg
+    out = []
+    for dt in (torch.float16, torch.bfloat16):
+        h = _meta(2, 4096, 2560, dtype=dt)
+        x, w = _meta(2, 4096, 320, dtype=dt), _meta(320, dtype=dt)
+
+        def run(h=h, x=x, w=w):
+            gg._geglu_backward(gg._geglu_forward(h), h)
+            s, y, mean, rstd = aln._add_ln_forward(x, x, w, w, 1e-5)
+            aln._add_ln_backward(y, s, s, w, mean, rstd)
+        out.append((f"transformer {str(dt)[6:]} 2x4096x320", run, (gg, aln), True, "", False))
+    return out
+
+
 def cases(quick: bool = False):
-    return attention_cases(quick) + groupnorm_cases(quick) + sampler_cases(quick)
+    return (attention_cases(quick) + groupnorm_cases(quick) + sampler_cases(quick)
+            + transformer_cases(quick))
 
 
 # ----------------------------------------------------------------------------- 5. audit

@@ -57,6 +57,8 @@ def add_sampling_args(p, *, inputs: bool = True, outputs: bool = True, n_default
     g.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--kernels", choices=ops.BACKENDS, help="eager | triton | auto (default: the run's config)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each denoising step as a CUDA graph (CUDA, PyTorch backend)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     if outputs:
         g.add_argument("--height", type=int, help="image height in pixels (default: the training resolution)")

@@ -44,6 +44,7 @@ def _main(argv=None) -> int:
         kwargs["n"] = 16
     pipe = Pipeline.from_export_dir(args.engine_dir, args.backend, device=args.device, run_dir=args.run_dir,
                                     cuda_graphs=not args.no_cuda_graphs, kernels=args.kernels)
+    pipe.cuda_graph = args.cuda_graph   # the torch backend's denoising step (see --cuda-graph)
     t0 = time.perf_counter()
     result = pipe(**inputs, **kwargs)
     seconds = time.perf_counter() - t0

@@ -253,7 +253,7 @@ def channels_last(x: torch.Tensor, largest_map: int | None = None) -> torch.Tens
 def geglu(h):
     """a · GELU(gate) for [a | gate] = h split in half along the last dim."""
     from ldm_fast.kernels import geglu as k
-    if use_triton(h):
+    if use_triton(h, "geglu"):
         if k.supports(h):
             return k.geglu(h)
         _say_once("geglu-fallback", f"geglu: no Triton kernel for {h.dtype} input of shape "
@@ -268,7 +268,7 @@ def geglu(h):
 def add_layer_norm(x, r, weight, bias, eps=1e-5):
     """(x + r, LayerNorm(x + r)) over the last dim: a residual add and the next pre-norm."""
     from ldm_fast.kernels import add_layernorm as k
-    if use_triton(x):
+    if use_triton(x, "add_layer_norm"):
         if k.supports(x, r, weight, bias):
             return k.add_layer_norm(x, r, weight, bias, eps)
         _say_once("add_layer_norm-fallback", f"add_layer_norm: no Triton kernel for {x.dtype} + "

@@ -75,7 +75,7 @@ class Pipeline:
 
     def __init__(self, cfg, schedule, denoiser, decode, conditioner=None, *, device="cpu", dtype=None,
                  kernels: str | None = None, backend: str = "torch", name: str = "", model=None,
-                 decode_dtype=None):
+                 decode_dtype=None, cuda_graph: bool = False):
         if kernels is not None and kernels not in ops.BACKENDS:
             raise ValueError(f"kernels: expected one of {ops.BACKENDS}, got {kernels!r}")
         self.cfg, self.schedule, self.denoiser, self.decode = cfg, schedule, denoiser, decode
@@ -83,18 +83,24 @@ class Pipeline:
         self.kernels, self.backend, self.name, self.model = kernels, backend, name or cfg.name, model
         self.decode_dtype = decode_dtype  # latents are cast to it before decoding (None: as they are)
         self.defaults = sampling_defaults(cfg)
+        # Replay each denoising step as a CUDA graph (ldm_fast.cuda_graph; torch backend, CUDA
+        # only, falls back with one line). Opt-in until a GPU run has measured it.
+        self.cuda_graph = cuda_graph
+        self._graphed = None
 
     # -------------------------------------------------------------- construction
 
     @classmethod
-    def from_model(cls, model, conditioner=None, *, kernels=None, dtype=None, name: str = "") -> "Pipeline":
+    def from_model(cls, model, conditioner=None, *, kernels=None, dtype=None, name: str = "",
+                   cuda_graph: bool = False) -> "Pipeline":
         """A LatentDiffusion (and its task conditioner) already in memory, on its device."""
         device = model.scale_factor.device
         return cls(model.cfg, model.schedule, model, model.decode, conditioner, device=device, dtype=dtype,
-                   kernels=kernels, name=name, model=model)
+                   kernels=kernels, name=name, model=model, cuda_graph=cuda_graph)
 
     @classmethod
-    def from_run_dir(cls, path, device=None, kernels: str | None = None, dtype=None) -> "Pipeline":
+    def from_run_dir(cls, path, device=None, kernels: str | None = None, dtype=None,
+                     cuda_graph: bool = False) -> "Pipeline":
         """A run directory written by `python -m ldm_fast.train` (EMA weights, conditioner,
         tokenizer) with the PyTorch modules. kernels: eager | triton | auto (default: the
         run's config, else $LDM_KERNELS); dtype: the UNet's, e.g. torch.bfloat16 (default
@@ -113,7 +119,8 @@ class Pipeline:
             conditioner = load_conditioner(path, model, cond_state, device=device)
         if kernels is None and cfg.kernels != "auto":
             kernels = cfg.kernels
-        pipe = cls.from_model(model, conditioner, kernels=kernels, dtype=dtype, name=Path(path).name)
+        pipe = cls.from_model(model, conditioner, kernels=kernels, dtype=dtype, name=Path(path).name,
+                              cuda_graph=cuda_graph)
         pipe.decode_dtype = torch.float32 if dtype is not None else None
         return pipe
 
@@ -123,7 +130,9 @@ class Pipeline:
                         kernels: str | None = None) -> "Pipeline":
         """An export folder (`python -m ldm_fast.export`): the .onnx graphs on ONNX Runtime,
         the TensorRT engines, or — backend "torch" — the run directory its manifest records
-        (or `run_dir`) with the PyTorch modules."""
+        (or `run_dir`) with the PyTorch modules. cuda_graphs: TensorRT's engines replay as CUDA
+        graphs (default on, as the engines are static); the torch backend takes the opt-in
+        `cuda_graph` of from_run_dir instead (set the attribute)."""
         from ldm_fast.export.runtime import BACKENDS, open_export, recorded_run_dir
 
         if backend not in BACKENDS:
@@ -165,6 +174,12 @@ class Pipeline:
         place it is built (a CUDA-graph wrapper goes here). image_guidance = (lr, scale) wraps
         it in super-resolution image guidance (torch backend)."""
         if image_guidance is None or image_guidance[1] == 0:
+            if self.cuda_graph and self.backend == "torch":
+                if self._graphed is None:   # kept: its captured graphs serve later calls too
+                    from ldm_fast.cuda_graph import CUDAGraphDenoiser
+
+                    self._graphed = CUDAGraphDenoiser(self.denoiser)
+                return self._graphed
             return self.denoiser
         if self.model is None:
             raise ValueError("sr_guidance needs the PyTorch modules (backend torch)")

@@ -49,7 +49,8 @@ def _main(argv=None) -> int:
 
     args = parse_args(argv)
     kwargs = cli.sampling_kwargs(args)
-    pipe = Pipeline.from_run_dir(args.ckpt, device=args.device, kernels=args.kernels)
+    pipe = Pipeline.from_run_dir(args.ckpt, device=args.device, kernels=args.kernels,
+                                 cuda_graph=args.cuda_graph)
     if args.task and args.task != pipe.cfg.conditioning.task:
         raise ValueError(f"--task {args.task}: this run was trained for {pipe.cfg.conditioning.task!r}")
     inputs = cli.pipeline_inputs(args)

@@ -150,3 +150,17 @@ print('ok')
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env=env, cwd=tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_cuda_graph_option_wraps_the_denoiser_and_falls_back_on_cpu():
+    """cuda_graph=True routes every step through one CUDAGraphDenoiser (kept across calls);
+    on CPU it falls back to the eager step with one line, and the images do not change."""
+    from ldm_fast.cuda_graph import CUDAGraphDenoiser
+
+    pipe = Pipeline.from_run_dir(text_run_dir(), device="cpu")
+    plain = pipe(prompt="a red circle", n=2, steps=2, progress=False).images
+    pipe.cuda_graph = True
+    assert isinstance(pipe._denoiser(), CUDAGraphDenoiser) and pipe._denoiser() is pipe._denoiser()
+    with pytest.warns(UserWarning):
+        graphed = pipe(prompt="a red circle", n=2, steps=2, progress=False).images
+    assert torch.equal(plain, graphed)

@@ -37,7 +37,8 @@ def test_every_kernel_passes_the_sm90_audit(tmp_path):
     kernels = {x["kernel"] for x in rows}
     assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
             "_gn_fwd_kernel", "_gn_bwd_dx_kernel", "_gn_fwd_single_kernel",
-            "_sampler_step_kernel"} <= kernels
+            "_sampler_step_kernel", "_geglu_fwd_kernel", "_geglu_bwd_kernel",
+            "_add_ln_fwd_kernel", "_add_ln_bwd_kernel"} <= kernels
     d40 = [x for x in rows if "d40" in x["case"] and x["dtype"] == "float16"
            and x["kernel"] == "_attn_fwd_kernel"]
     # every autotune candidate of the forward at d40, each with wide loads and cp.async
