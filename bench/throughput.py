@@ -186,7 +186,8 @@ def _cast_model(base: LatentDiffusion, dtype: torch.dtype, cache: dict) -> Laten
 
 
 def _graphed(fn, example_args: list[torch.Tensor]):
-    """Capture fn(*args) as a CUDA graph; the returned callable copies its arguments into the
+    """Capture fn(*args) as a CUDA graph (here: the decoder, whose signature is not a
+    denoiser's); the returned callable copies its arguments into the
     captured buffers, replays, and returns a copy of the output (the samplers keep outputs
     across steps, e.g. PLMS's ε history, and the next replay overwrites the buffer)."""
     with torch.inference_mode():
@@ -250,17 +251,14 @@ def make_runner(backend: str, dtype: torch.dtype, base: LatentDiffusion, size: S
         x = torch.randn(n, *size.latent, device=device, dtype=dtype)
         t = torch.full((n,), 500.0, device=device)
         with ops.backend("triton"):
-            if size.context:
-                ctx = torch.randn(n, *size.context, device=device, dtype=dtype)
-                g_unet = _graphed(lambda x_, t_, c_: m(x_, t_, {"context": c_}), [x, t, ctx])
+            # The UNet step through the engine's own CUDA-graph denoiser (what
+            # Pipeline(cuda_graph=True) runs), captured here, before the timed calls.
+            from ldm_fast.cuda_graph import CUDAGraphDenoiser
 
-                def unet(x_, t_, cond):
-                    return g_unet(x_, t_, cond["context"])
-            else:
-                g_unet = _graphed(lambda x_, t_: m(x_, t_, {}), [x, t])
-
-                def unet(x_, t_, cond):
-                    return g_unet(x_, t_)
+            unet = CUDAGraphDenoiser(m)
+            cond = {"context": torch.randn(n, *size.context, device=device, dtype=dtype)} \
+                if size.context else {}
+            unet(x, t, cond)
             decode = _graphed(m.decode, [torch.randn(batch, *size.latent, device=device, dtype=dtype)])
         return Runner(backend, dtype, "triton", unet, decode,
                       [f"UNet call and decoder captured for this batch size in "
