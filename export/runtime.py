@@ -154,8 +154,7 @@ class ExportedConditioner:
         self.inputs = tuple({"class": "classes", "layout": "boxes", "sr": "lr", "text": "prompts"}[p]
                             for p in parts)
         # A class table without a null row (cin256 v1) has no unconditional input to guide from.
-        self.supports_guidance = any(p != "sr" for p in parts) and (self.task != "class" or
-                                                                    record.get("null_class", True))
+        self.supports_guidance = any(p != "sr" for p in parts) and record.get("null_class", True)
         self._tokenizer = self._layout = None
         if "text" in parts:
             from ldm_fast.conditioning import load_tokenizer

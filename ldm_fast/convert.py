@@ -38,6 +38,8 @@ import yaml
 
 from ldm_fast import checkpoint as ckpt
 from ldm_fast import convert_rules as rules
+from ldm_fast.tasks.kinds.class_labels import IMAGENET_WITH_NULL
+from ldm_fast.tasks.registry import task_of
 from ldm_fast.config import (AutoencoderConfig, Config, ConditioningConfig, DataConfig, DiffusionConfig,
                              UNetConfig, get_preset, save_yaml, to_dict, validate)
 
@@ -232,7 +234,7 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
     _refuse_if(key not in ("crossattn", "concat", "hybrid", "adm"), f"conditioning_key {key!r}")
     if target == "ClassEmbedder":
         # The class count and the null row are settled from the checkpoint's table by
-        # `class_table_from_rows` (the YAML's n_classes defaults to 1000 in the original code).
+        # the class task's original_state (the YAML's n_classes defaults to 1000 in the original code).
         n = int(cparams.get("n_classes", 1000))
         null = n == IMAGENET_WITH_NULL  # until the checkpoint's table says otherwise
         notes.append(f"class embedder: n_classes {n} = {n - int(null)} classes"
@@ -278,31 +280,6 @@ def _conditioning_from_original(params: dict, unet: UNetConfig, ae: AutoencoderC
 # extra step when the step count does not divide T) and last step (to alphas_cumprod[0]): a
 # converted checkpoint samples as its original scripts did unless the user asks otherwise.
 ORIGINAL_SAMPLING = {"timestep_spacing": "uniform", "steps_offset": 1, "set_alpha_to_one": False}
-
-
-# cin256-v2 (guided) has 1000 ImageNet classes + one null row for classifier-free guidance;
-# cin256 v1 has the 1000 class rows only. The original code knows no null class: the row
-# count is the only record of it.
-IMAGENET_WITH_NULL = 1001
-CLASS_TABLE = "cond_stage_model.embedding.weight"
-
-
-def class_table_from_rows(cfg: Config, src: dict[str, torch.Tensor], notes: list[str]) -> None:
-    """Set conditioning.num_classes / null_class from the rows of the checkpoint's class
-    embedding: 1001 rows = 1000 classes + the null class (last row); any other count = that
-    many classes and no null class (guidance then refuses with a clear error)."""
-    c = cfg.conditioning
-    if c.task != "class" or CLASS_TABLE not in src:
-        return
-    rows = int(src[CLASS_TABLE].shape[0])
-    c.null_class = rows == IMAGENET_WITH_NULL
-    c.num_classes = rows - int(c.null_class)
-    if c.null_class:
-        notes.append(f"class embedder: {rows} rows = {c.num_classes} classes + the null class (last row)")
-    else:
-        c.label_dropout = 0.0
-        notes.append(f"class embedder: {rows} rows = {rows} classes and no null class: classifier-free "
-                     "guidance is not available for this model")
 
 
 def config_from_original(raw: dict, clip_dir: str | None = None, image_size: int | None = None,
@@ -358,8 +335,7 @@ def preset_config(preset: str, image_size: int | None = None, clip_dir: str | No
     cfg.diffusion.scale_by_std = False
     for key, value in ORIGINAL_SAMPLING.items():
         setattr(cfg.diffusion, key, value)
-    if cfg.conditioning.task == "inpaint":
-        cfg.conditioning.inpaint_inputs = "original"
+    task_of(cfg).original_config(cfg)
     if clip_dir:
         cfg.conditioning.pretrained_text_encoder = str(Path(clip_dir).resolve())
     return cfg
@@ -375,22 +351,8 @@ def load_original_config(path, clip_dir=None, image_size=None) -> tuple[Config, 
 def build_cond_module(cfg: Config, first_stage):
     """Our conditioning module whose state goes to the run's `cond.*` tensors, or None
     (unconditional, SR concat, a frozen text encoder kept in its own directory, or a τθ that is
-    not ours). The module classes are those the task code builds (conditioning.py / tasks.py)."""
-    c = cfg.conditioning
-    if c.task == "class" and c.mode in ("crossattn", "hybrid"):
-        from ldm_fast.conditioning import ClassEmbedder
-        return ClassEmbedder(c.num_classes, c.embed_dim, c.null_class)
-    if c.task == "semantic":
-        from ldm_fast.conditioning import SemanticEncoder
-        return SemanticEncoder(c.num_classes, cfg.unet.in_channels - cfg.unet.out_channels, cfg.autoencoder.factor)
-    if c.task == "text" and c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder:
-        from ldm_fast.ldm_bert import LDMBertTextEncoder
-        return LDMBertTextEncoder(None, c.vocab_size, c.max_length, c.embed_dim, c.n_layers, c.n_heads)
-    if c.task == "inpaint":
-        from ldm_fast.conditioning import InpaintingConcat
-        return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor,
-                                inputs=cfg.conditioning.inpaint_inputs)
-    return None
+    not ours): the task's own choice (ldm_fast.tasks, Task.cond_module)."""
+    return task_of(cfg).cond_module(cfg, first_stage)
 
 
 def _fills(cfg: Config) -> dict[str, tuple[torch.Tensor | None, str]]:
@@ -599,7 +561,7 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
 
     if "scale_factor" in src:  # scale_by_std: the measured value was saved as a buffer
         cfg.diffusion.scale_factor = float(src["scale_factor"])
-    class_table_from_rows(cfg, src, notes)
+    task_of(cfg).original_state(cfg, src, notes)
     validate(cfg)
     schedule_checked = check_schedule(src, cfg)
     text_tokenizer = _text_tokenizer(cfg, tokenizer)
@@ -621,7 +583,7 @@ def convert(ckpt_path, out, config_path=None, preset: str | None = None, ema: bo
         clip = FrozenCLIPTextEncoder(clip_dir, cfg.conditioning.max_length, load_weights=True)
         targets.update(ckpt.flatten_state("text_encoder.", clip.transformer.state_dict()))
 
-    mapping = map_state_dict(src, targets, ema=ema, cond_is_first_stage=cfg.conditioning.task == "inpaint",
+    mapping = map_state_dict(src, targets, ema=ema, cond_is_first_stage=task_of(cfg).cond_stage_is_first_stage,
                              fills=_fills(cfg))
     mapping.schedule = schedule_checked + [k for k in mapping.schedule if k not in schedule_checked]
     problems = mapping.problems(strict)
@@ -646,7 +608,7 @@ def _text_tokenizer(cfg: Config, path: str | None):
     """The LDM BERT model's tokenizer (bert-base-uncased's WordPiece vocabulary, which the
     original downloads at run time; here a local file), checked against the embedding size."""
     c = cfg.conditioning
-    if not (c.task == "text" and c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder):
+    if not (c.text_encoder == "ldm_bert" and not c.pretrained_text_encoder):
         if path:
             raise ConvertError("--tokenizer applies to the LDM text-to-image (BERT) model only")
         return None

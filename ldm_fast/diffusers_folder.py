@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ldm_fast import convert_rules as rules
+from ldm_fast.tasks.registry import task_of
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -365,7 +366,7 @@ def _check_writable(cfg) -> None:
             or un.resblock_updown or un.num_classes or not un.attention_resolutions:
         problems.append("the UNet must be Stable Diffusion's (SpatialTransformer cross-attention with a head "
                         "count, no scale-shift norm, no resblock up/down, no class embedding)")
-    if c.task != "text" or not c.pretrained_text_encoder:
+    if "prompt" not in task_of(cfg).sampling_inputs(c.mode) or not c.pretrained_text_encoder:
         problems.append("the text encoder must be a CLIP directory (conditioning.pretrained_text_encoder)")
     if cfg.diffusion.schedule != "linear":
         problems.append(f"the schedule must be 'linear' (diffusers' scaled_linear), not {cfg.diffusion.schedule!r}")

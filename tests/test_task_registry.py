@@ -56,3 +56,22 @@ def test_a_new_task_is_one_registration():
         assert set(c) == {"class_labels"} and torch.equal(u["class_labels"], torch.full((2,), cfg.conditioning.num_classes))
     finally:
         registry._REGISTRY.pop("class-variant")
+
+
+def test_no_task_names_are_compared_outside_the_registry():
+    """Task-specific behaviour lives in ldm_fast/tasks/; elsewhere a task name is only passed
+    on or checked against the run's (--task), never branched on."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"""\.task\s*(==|!=)\s*["']|["']\s*(==|!=)\s*\w*\.task\b|\.task\s+(not\s+)?in\s*\(""")
+    hits = []
+    for folder in ("ldm_fast", "export", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            if "tasks" in path.relative_to(root).parts[:2]:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    hits.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)

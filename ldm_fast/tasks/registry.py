@@ -45,6 +45,15 @@ class Task:
     exportable: bool = True
     # Context tokens of the exported τθ (TensorRT profiles): (cfg) → int.
     context_tokens: Callable = lambda cfg: cfg.conditioning.max_length
+    # Converting an original CompVis checkpoint (ldm_fast.convert): the original code's input
+    # conventions, (cfg) → None; what its tensors decide, (cfg, state dict, notes) → None; the
+    # module whose state the run keeps as cond.*, (cfg, first stage) → module or None; and
+    # whether the original's cond_stage_model is the first stage itself (its weights then
+    # map there).
+    original_config: Callable = _nothing
+    original_state: Callable = lambda cfg, state, notes: None
+    cond_module: Callable = lambda cfg, first_stage: None
+    cond_stage_is_first_stage: bool = False
 
     @property
     def preset(self) -> str:

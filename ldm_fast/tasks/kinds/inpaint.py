@@ -55,8 +55,20 @@ def _metric(ctx) -> dict:
             f"{FD_NAME}_mean_fill": fd_shapes(ctx.net, mean_fill, images)}
 
 
+def _original_config(cfg) -> None:
+    cfg.conditioning.inpaint_inputs = "original"   # holes at −1, mask as ±1, nearest resize
+
+
+def _cond_module(cfg, first_stage):
+    from ldm_fast.conditioning import InpaintingConcat
+
+    return InpaintingConcat(first_stage, cfg.autoencoder.factor, scale=cfg.diffusion.scale_factor,
+                            inputs=cfg.conditioning.inpaint_inputs)
+
+
 TASK = register(Task(
     name="inpaint", order=6, modes=("concat", "hybrid"), inputs=("image", "mask"), concat=True,
     per_sample_pairs=True, configure=_configure, pair=_pair, parts=_parts, metric=_metric, exportable=False,
     heldout=lambda items: {"image": torch.stack([it["image"] for it in items]),
-                           "mask": torch.stack([it["mask"] for it in items])}))
+                           "mask": torch.stack([it["mask"] for it in items])},
+    original_config=_original_config, cond_module=_cond_module, cond_stage_is_first_stage=True))

@@ -37,7 +37,15 @@ def _metric(ctx) -> dict:
             FD_NAME: fd_shapes(ctx.net, samples, ctx.batch["image"])}
 
 
+def _cond_module(cfg, first_stage):
+    from ldm_fast.conditioning import SemanticEncoder
+
+    return SemanticEncoder(cfg.conditioning.num_classes, cfg.unet.in_channels - cfg.unet.out_channels,
+                           cfg.autoencoder.factor)
+
+
 TASK = register(Task(
     name="semantic", order=4, modes=("concat", "hybrid"), fields=("segmentation",), inputs=("semantic",),
     concat=True, configure=_configure, parts=_parts, metric=_metric, exportable=False,
-    heldout=lambda items: {"semantic": torch.stack([it["segmentation"] for it in items])}))
+    heldout=lambda items: {"semantic": torch.stack([it["segmentation"] for it in items])},
+    cond_module=_cond_module))

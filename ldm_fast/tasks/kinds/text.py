@@ -41,5 +41,16 @@ def _metric(ctx) -> dict:
     return res
 
 
+def _cond_module(cfg, first_stage):
+    """The LDM text-to-image model's own τθ (LDM-BERT) is converted into the run; a frozen
+    CLIP encoder stays in its own directory."""
+    c = cfg.conditioning
+    if c.text_encoder != "ldm_bert" or c.pretrained_text_encoder:
+        return None
+    from ldm_fast.ldm_bert import LDMBertTextEncoder
+
+    return LDMBertTextEncoder(None, c.vocab_size, c.max_length, c.embed_dim, c.n_layers, c.n_heads)
+
+
 TASK = register(Task(name="text", order=2, modes=("crossattn",), fields=("caption",), inputs=("prompt",),
-                     metric=_metric))
+                     metric=_metric, cond_module=_cond_module))
