@@ -149,7 +149,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train_autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(lr=4.5e-6, ema_decay=0.0))
     train_ldm: TrainConfig = field(default_factory=TrainConfig)
-    kernels: str = "auto"                 # "eager", "triton" or "auto" (Triton on CUDA); $LDM_KERNELS overrides "auto"
+    kernels: str = "auto"                 # "eager", "triton" or "auto" (kernels measured to win on CUDA, see ops.py); $LDM_KERNELS overrides "auto"
     precision: str = "fp32"               # "fp32", "bf16" or "fp16" (autocast on GPU)
     seed: int = 0                         # training seed
 
