@@ -26,7 +26,8 @@ def _wins_kernels(rows: list[dict]) -> dict:
     for r in rows:
         if not r["case"].startswith("sd"):
             continue
-        op = {"groupnorm": "group_norm", "attention": "attention"}[r["kernel"]]
+        op = {"groupnorm": "group_norm", "attention": "attention", "geglu": "geglu",
+              "add_layernorm": "add_layer_norm"}[r["kernel"]]
         fwd, bwd = r.get("fwd_speedup_vs_eager"), r.get("bwd_speedup_vs_eager")
         won = fwd is not None and bwd is not None and fwd >= 1.0 and bwd >= 1.0
         out.setdefault(op, {}).setdefault(r["dtype"], []).append(

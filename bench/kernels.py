@@ -233,6 +233,64 @@ def run_attention(do_bench, dtype, sizes, peaks):
     return rows
 
 
+def transformer_cases(sizes):
+    """(label, tokens (B, L), width C): the SpatialTransformer's fused ops at each SD level —
+    GEGLU on the (B, L, 2·4C) projection, residual add + LayerNorm on (B, L, C)."""
+    cases = []
+    if "sd" in sizes:
+        for L, C in [(4096, 320), (1024, 640), (256, 1280)]:
+            cases.append((f"sd {int(math.sqrt(L))}²", (2, L), C))
+    if "tiny" in sizes:
+        cases.append(("tiny 8²", (32, 64), 64))
+    if "smoke" in sizes:
+        cases.append(("smoke", (1, 20), 24))
+    return cases
+
+
+def run_transformer_ops(do_bench, dtype, sizes, peaks, copy_bw):
+    """GEGLU and residual add + LayerNorm against their eager chains and torch.compile, as
+    effective GB/s of the bytes each must move (memory-bound, like GroupNorm)."""
+    from ldm_fast.kernels import add_layernorm as aln
+    from ldm_fast.kernels import geglu as gg
+
+    rows = []
+    for label, (B, L), C in transformer_cases(sizes):
+        h = torch.randn(B, L, 8 * C, device=DEV, dtype=dtype, requires_grad=True)
+        x = torch.randn(B, L, C, device=DEV, dtype=dtype, requires_grad=True)
+        r = torch.randn(B, L, C, device=DEV, dtype=dtype, requires_grad=True)
+        w = torch.randn(C, device=DEV, dtype=dtype, requires_grad=True)
+        b = torch.randn(C, device=DEV, dtype=dtype, requires_grad=True)
+        for kernel, impls, inputs, dout, n_fwd, n_bwd in (
+                ("geglu", (("eager", gg.geglu_ref), ("triton", gg.geglu),
+                           ("compile", torch.compile(gg.geglu_ref, backend=COMPILE_BACKEND))),
+                 (h,), torch.randn(B, L, 4 * C, device=DEV, dtype=dtype),
+                 h.numel() * 1.5, h.numel() * 2.5),
+                ("add_layernorm",
+                 (("eager", lambda *a: aln.add_layer_norm_ref(*a)[1]),
+                  ("triton", lambda *a: aln.add_layer_norm(*a)[1]),
+                  ("compile", torch.compile(lambda *a: aln.add_layer_norm_ref(*a)[1],
+                                            backend=COMPILE_BACKEND))),
+                 (x, r, w, b), torch.randn_like(x), x.numel() * 4, x.numel() * 4)):
+            nbytes = (n_fwd * h.element_size(), n_bwd * h.element_size())
+            row = {"kernel": kernel, "case": label, "shape": [B, L, C],
+                   "dtype": str(dtype).replace("torch.", ""), "bytes_fwd": nbytes[0],
+                   "bytes_bwd": nbytes[1], "impl": {}}
+
+            def work(fwd, bwd, nbytes=nbytes):
+                out = {"fwd_GBps": nbytes[0] / fwd / 1e6, "bwd_GBps": nbytes[1] / bwd / 1e6}
+                for p in ("fwd", "bwd"):
+                    if peaks:
+                        out[f"{p}_frac_peak_bw"] = out[f"{p}_GBps"] * 1e9 / peaks["bandwidth_Bps"]
+                    out[f"{p}_frac_copy_bw"] = out[f"{p}_GBps"] * 1e9 / copy_bw
+                return out
+
+            row["impl"] = _time_impls(do_bench, impls, inputs, dout, work)
+            _speedups(row)
+            rows.append(row)
+            print(_row_line(row, "GBps"), flush=True)
+    return rows
+
+
 def _speedups(row):
     t = row["impl"].get("triton", {})
     for base in ("eager", "compile"):
@@ -260,8 +318,8 @@ def markdown(rows):
            "ops-eager ms | triton GB/s or TFLOP/s | of peak | ×eager | ×compile | max diff |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        unit = "GBps" if r["kernel"] == "groupnorm" else "TFLOPs"
-        frac = "frac_peak_bw" if r["kernel"] == "groupnorm" else "frac_peak"
+        unit = "TFLOPs" if r["kernel"] == "attention" else "GBps"
+        frac = "frac_peak" if r["kernel"] == "attention" else "frac_peak_bw"
         for p in ("fwd", "bwd"):
             t, e, c, o = (r["impl"].get(n, {})
                           for n in ("triton", "eager", "compile", "ops_eager"))
@@ -298,7 +356,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/results/kernels.json); the Markdown table "
                          "goes next to it (.md)")
-    ap.add_argument("--only", choices=["groupnorm", "attention"], default=None)
+    ap.add_argument("--only", choices=["groupnorm", "attention", "transformer"], default=None)
     ap.add_argument("--sizes", default="sd,tiny", help="comma list of sd, tiny")
     ap.add_argument("--dtype", default="fp16,bf16", help="comma list of fp16, bf16, fp32")
     ap.add_argument("--smoke", action="store_true",
@@ -330,6 +388,9 @@ def main(argv=None):
                                   env["copy_bandwidth_GBps"] * 1e9)
         if args.only in (None, "attention"):
             rows += run_attention(do_bench, dtype, sizes, peaks)
+        if args.only in (None, "transformer"):
+            rows += run_transformer_ops(do_bench, dtype, sizes, peaks,
+                                        env["copy_bandwidth_GBps"] * 1e9)
         # Written after every dtype: a run stopped by its time budget keeps what it measured.
         out.write_text(json.dumps({"environment": env, "results": rows, "partial": True},
                                   indent=1))
@@ -360,6 +421,7 @@ def smoke(args):
 
     rows = run_groupnorm(do_bench, torch.float32, {"smoke"}, None, 1e9)
     rows += run_attention(do_bench, torch.float32, {"smoke"}, None)
+    rows += run_transformer_ops(do_bench, torch.float32, {"smoke"}, None, 1e9)
     failed = [(r["case"], n) for r in rows for n, i in r["impl"].items() if "error" in i]
     print(markdown(rows))
     print("SMOKE RUN: interpreter timings, meaningless as speed.", "failed:" if failed else "",
