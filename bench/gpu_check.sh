@@ -105,12 +105,15 @@ EOF
 
 step_kernel_tests() {
     # The kernel test files, now on CUDA tensors with compiled kernels, plus the GPU-only
-    # cases (SD shapes, autotuned and fixed configs, Inductor around the ops); --quick leaves
-    # out the Inductor/compile cases (each compiles a fresh graph).
+    # cases (SD shapes, autotuned and fixed configs, Inductor around the ops, a real CUDA-graph
+    # capture of the denoising step); --quick leaves out the Inductor/compile cases (each
+    # compiles a fresh graph).
     local sel=()
     [ "$QUICK" = 1 ] && sel=(-k "not inductor and not compile")
     "$PY" -m pytest tests/test_kernels_groupnorm.py tests/test_kernels_attention.py \
-        tests/test_kernels_sampler_steps.py tests/test_kernels_models.py \
+        tests/test_kernels_sampler_steps.py tests/test_kernels_geglu.py \
+        tests/test_kernels_add_layernorm.py tests/test_kernels_models.py \
+        tests/test_fast_path.py tests/test_cuda_graph.py \
         -m "gpu or not gpu" -p no:cacheprovider --durations=15 -rs "${sel[@]}" \
         --junitxml="$RESULTS/kernel-tests.xml" 2>&1 | tee "$RESULTS/kernel-tests.log"
 }
