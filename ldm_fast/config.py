@@ -116,7 +116,11 @@ class DataConfig:
     resolution: int = 256                 # image side
     num_samples: int = 50000              # procedural: training images
     heldout_samples: int = 256            # held-out images for evaluation (folder: at most a tenth)
-    seed: int = 0                         # procedural: content seed
+    seed: int = 0                         # procedural: content seed; folder: seed of the held-out split
+    # Text tasks (and hybrid modes), folder images without a caption side file: "null" trains
+    # them as the empty prompt (the unconditional case guidance uses; counted and reported),
+    # "skip" leaves them out of training and evaluation.
+    missing_captions: str = "null"
     num_workers: int = 0                  # DataLoader workers
 
 
@@ -301,6 +305,8 @@ def validate(cfg: Config) -> Config:
     _require(cfg.data.dataset in ("procedural", "folder", "shards"), "data.dataset",
              f"expected procedural|folder|shards, got {cfg.data.dataset!r}")
     _require(cfg.data.dataset == "procedural" or bool(cfg.data.root), "data.root", "required for folder/shards data")
+    _require(cfg.data.missing_captions in ("null", "skip"), "data.missing_captions",
+             f"expected null|skip, got {cfg.data.missing_captions!r}")
     for name in ("train_autoencoder", "train_ldm"):
         tc = getattr(cfg, name)
         _require(tc.steps >= 0, f"{name}.steps", "must be >= 0")

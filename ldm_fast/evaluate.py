@@ -87,7 +87,7 @@ def _main(argv=None) -> int:
         raise FileNotFoundError(f"--fid {args.fid}: no such Inception weights file")
     from ldm_fast.tasks import task_fields
 
-    _, heldout = build_datasets(cfg.data, task_fields(cfg))
+    _, heldout = build_datasets(cfg.data, task_fields(cfg), run_dir=args.ckpt)  # the run's stored split
     reference = heldout_images(heldout, args.n)
     results = {"n": len(reference)}
     if cfg.autoencoder.kind != "identity":

@@ -109,7 +109,11 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
     if ctx.is_main:
         save_config(cfg, run)
         print(f"run directory: {run.path.resolve()}" + (f" ({ctx.world_size} ranks)" if ctx.enabled else ""))
-    train_set, heldout = build_datasets(cfg.data, task_fields(cfg))
+    summary: list[str] = []
+    train_set, heldout = build_datasets(cfg.data, task_fields(cfg), run_dir=run.path, store_split=ctx.is_main,
+                                        summary=summary)
+    if ctx.is_main and summary:
+        print("\n".join(summary))
     progress = not args.no_progress
     try:
         if "autoencoder" in stages:
@@ -145,7 +149,7 @@ def final_grid(run_dir: Path, device, seed: int, progress: bool, n: int = 16) ->
     from ldm_fast.tasks import heldout_inputs
 
     pipe = Pipeline.from_run_dir(run_dir, device=device)
-    inputs = heldout_inputs(pipe.cfg, pipe.inputs, n) if pipe.inputs else {}
+    inputs = heldout_inputs(pipe.cfg, pipe.inputs, n, run_dir=run_dir) if pipe.inputs else {}
     out = pipe(**inputs, n=n, seed=seed, progress=progress)
     return save_grid(out.images, Path(run_dir) / "samples.png", upscale=4 if out.images.shape[-1] <= 64 else 1)
 
