@@ -129,6 +129,8 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
             if task_of(cfg).conditional:
                 conditioner = build_conditioner(cfg, first_stage, dataset_captions(ldm_set),
                                                 run_dir=run.path, device=device)
+                if ctx.is_main:
+                    save_config(cfg, run)  # the text context may have grown to fit the captions
             if cfg.train_ldm.cached_latents:
                 ldm_set = _cached(cfg, first_stage, ldm_set, device, progress and ctx.is_main)
             train_ldm(cfg, run, first_stage, ldm_set, device, args.resume, progress, conditioner)
