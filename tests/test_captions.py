@@ -39,3 +39,29 @@ def test_truncation_warning_names_the_remedy():
     cond = build_conditioner(cfg, train_captions=["a cat"])
     with pytest.warns(UserWarning, match=r"--set conditioning.max_length=\d+"):
         cond.tokenizer.encode([LONG], cfg.conditioning.max_length)
+
+
+def test_prompt_agreement_on_captions_it_cannot_score_is_a_note_not_nan():
+    from types import SimpleNamespace
+
+    from ldm_fast.tasks import get_task
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("nothing to score: no samples should be drawn")
+
+    ctx = SimpleNamespace(batch={"caption": ["a photograph of a tabby cat", ""]}, guidances=lambda: [],
+                          sample=no_sampling)
+    res = get_task("text").metric(ctx)
+    assert list(res) == ["note"] and "none of the 2 held-out captions" in res["note"]
+
+
+def test_an_image_folder_cannot_feed_an_annotation_task(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ldm_fast.config import DataConfig
+    from ldm_fast.data.build import build_datasets
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"needs \['label'\] per image: use tar shards"):
+        build_datasets(DataConfig(dataset="folder", root=str(tmp_path), resolution=8), ("label",))

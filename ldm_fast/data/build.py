@@ -34,6 +34,10 @@ def _folder(cfg: DataConfig, fields, run_dir, store_split: bool, summary: list |
     from ldm_fast.data.folder import ImageFolderDataset
     from ldm_fast.data.split import folder_summary, load_heldout, save_heldout, stratified_heldout
 
+    annotations = [f for f in fields if f != "caption"]
+    if annotations:
+        raise ValueError(f"data.root: an image folder provides images and .txt captions only; this task needs "
+                         f"{annotations} per image: use tar shards (ldm_fast.make_shards) that carry them")
     full = ImageFolderDataset(cfg.root, cfg.resolution)
     held = load_heldout(run_dir, full.paths, full.root)
     stored = held is not None
