@@ -53,6 +53,13 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor
     return torch.from_numpy(arr / 127.5 - 1.0)
 
 
+def pil_rgb(im: Image.Image) -> Image.Image:
+    """A decoded picture the way training sees it: camera rotation applied (EXIF), 16-bit
+    tones kept, transparency composited on white. Sampling inputs (`--lr`, `--image`) go
+    through this too, so a photograph is read the same way it would be for training."""
+    return _to_rgb(ImageOps.exif_transpose(im))
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (a plain convert would expose whatever
     colour the transparent pixels happen to store, often black)."""
