@@ -37,7 +37,11 @@ class AutoencoderConfig:
     vq_beta: float = 0.25                 # commitment weight
     perceptual_weight: float = 1.0        # LPIPS (or its documented substitute) weight
     disc_weight: float = 0.5              # adversarial weight, scaled by the adaptive factor
-    disc_start: int = 50001               # generator/discriminator adversarial terms switch on at this step
+    disc_start: int = 50001               # the discriminator trains from this step (the original: both terms switch on here)
+    # Steps after disc_start in which the discriminator trains alone; the generator's adversarial
+    # weight then ramps linearly from 0 to full over as many steps. 0 = the original's switch
+    # (both at full weight at once: the generator is pushed by a discriminator still at chance).
+    disc_warmup: int = 0
     disc_channels: int = 64               # PatchGAN width
     disc_layers: int = 3                  # PatchGAN strided layers
     lpips_weights: str = ""               # local file with LPIPS backbone+head weights; "" = substitute
@@ -247,6 +251,7 @@ def validate(cfg: Config) -> Config:
         _require(ae.base_channels > 0, "autoencoder.base_channels", f"must be positive, got {ae.base_channels}")
         _require(ae.z_channels > 0, "autoencoder.z_channels", f"must be positive, got {ae.z_channels}")
         _require(ae.num_res_blocks > 0, "autoencoder.num_res_blocks", "must be positive")
+        _require(ae.disc_warmup >= 0, "autoencoder.disc_warmup", f"must be >= 0, got {ae.disc_warmup}")
         for m in ae.channel_mult:
             _require(ae.base_channels * m % ae.groups == 0, "autoencoder.groups",
                      f"{ae.groups} groups do not divide {ae.base_channels * m} channels")
