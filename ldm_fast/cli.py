@@ -159,7 +159,9 @@ def write_outputs(result, args) -> list[Path]:
     from ldm_fast.images import save_grid, save_png, to_uint8
 
     images = result.images
-    upscale = 4 if images.shape[-1] <= 64 else 1  # tiny models' 32² images, made visible
+    # Grids of the tiny models' 32² images are enlarged (nearest) to be visible; one image is
+    # written at its true size, since ×4 pixel blocks would look like a grid texture in it.
+    upscale = 4 if images.shape[-1] <= 64 and len(images) > 1 else 1
     shared = {k: v for k, v in result.metadata[0].items() if k in ("model", "backend", "sampler", "steps",
                                                                    "eta", "guidance")}
     shared["seeds"] = f"{result.seeds[0]}…{result.seeds[-1]}" if len(result.seeds) > 1 else str(result.seeds[0])

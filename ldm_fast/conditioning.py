@@ -215,7 +215,8 @@ class PromptLengthGuard:
             raise ValueError(message)
         if not self.warned:
             warnings.warn(message + f"; truncated to {max_length} tokens (warned once; "
-                          f"{len(too_long)} prompt(s) in this batch)", stacklevel=3)
+                          f"{len(too_long)} prompt(s) in this batch). To keep whole prompts, train with "
+                          f"--set conditioning.max_length={lengths[i]} or more", stacklevel=3)
             self.warned = True
 
 

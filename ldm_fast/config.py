@@ -37,7 +37,11 @@ class AutoencoderConfig:
     vq_beta: float = 0.25                 # commitment weight
     perceptual_weight: float = 1.0        # LPIPS (or its documented substitute) weight
     disc_weight: float = 0.5              # adversarial weight, scaled by the adaptive factor
-    disc_start: int = 50001               # generator/discriminator adversarial terms switch on at this step
+    disc_start: int = 50001               # the discriminator trains from this step (the original: both terms switch on here)
+    # Steps after disc_start in which the discriminator trains alone; the generator's adversarial
+    # weight then ramps linearly from 0 to full over as many steps. 0 = the original's switch
+    # (both at full weight at once: the generator is pushed by a discriminator still at chance).
+    disc_warmup: int = 0
     disc_channels: int = 64               # PatchGAN width
     disc_layers: int = 3                  # PatchGAN strided layers
     lpips_weights: str = ""               # local file with LPIPS backbone+head weights; "" = substitute
@@ -116,7 +120,11 @@ class DataConfig:
     resolution: int = 256                 # image side
     num_samples: int = 50000              # procedural: training images
     heldout_samples: int = 256            # held-out images for evaluation (folder: at most a tenth)
-    seed: int = 0                         # procedural: content seed
+    seed: int = 0                         # procedural: content seed; folder: seed of the held-out split
+    # Text tasks (and hybrid modes), folder images without a caption side file: "null" trains
+    # them as the empty prompt (the unconditional case guidance uses; counted and reported),
+    # "skip" leaves them out of training and evaluation.
+    missing_captions: str = "null"
     num_workers: int = 0                  # DataLoader workers
 
 
@@ -243,6 +251,7 @@ def validate(cfg: Config) -> Config:
         _require(ae.base_channels > 0, "autoencoder.base_channels", f"must be positive, got {ae.base_channels}")
         _require(ae.z_channels > 0, "autoencoder.z_channels", f"must be positive, got {ae.z_channels}")
         _require(ae.num_res_blocks > 0, "autoencoder.num_res_blocks", "must be positive")
+        _require(ae.disc_warmup >= 0, "autoencoder.disc_warmup", f"must be >= 0, got {ae.disc_warmup}")
         for m in ae.channel_mult:
             _require(ae.base_channels * m % ae.groups == 0, "autoencoder.groups",
                      f"{ae.groups} groups do not divide {ae.base_channels * m} channels")
@@ -301,6 +310,8 @@ def validate(cfg: Config) -> Config:
     _require(cfg.data.dataset in ("procedural", "folder", "shards"), "data.dataset",
              f"expected procedural|folder|shards, got {cfg.data.dataset!r}")
     _require(cfg.data.dataset == "procedural" or bool(cfg.data.root), "data.root", "required for folder/shards data")
+    _require(cfg.data.missing_captions in ("null", "skip"), "data.missing_captions",
+             f"expected null|skip, got {cfg.data.missing_captions!r}")
     for name in ("train_autoencoder", "train_ldm"):
         tc = getattr(cfg, name)
         _require(tc.steps >= 0, f"{name}.steps", "must be >= 0")

@@ -87,7 +87,7 @@ def _main(argv=None) -> int:
         raise FileNotFoundError(f"--fid {args.fid}: no such Inception weights file")
     from ldm_fast.tasks import task_fields
 
-    _, heldout = build_datasets(cfg.data, task_fields(cfg))
+    _, heldout = build_datasets(cfg.data, task_fields(cfg), run_dir=args.ckpt)  # the run's stored split
     reference = heldout_images(heldout, args.n)
     results = {"n": len(reference)}
     if cfg.autoencoder.kind != "identity":
@@ -108,10 +108,15 @@ def _main(argv=None) -> int:
                                             steps=d.steps if args.steps is None else args.steps,
                                             seed=args.seed, batch_size=args.batch_size, photos=args.photos,
                                             sr_guidance=args.sr_guidance, kernels=pipe.kernels)
+    if cfg.data.dataset != "procedural" and any(FD_NAME in v for v in results.values() if isinstance(v, dict)):
+        results["note"] = (f"{FD_NAME} and precision/recall use a feature network trained on the procedural "
+                           "shapes: on other images they compare runs, not datasets (--fid adds FID)")
     for section, values in results.items():
         if isinstance(values, dict):
             print(f"{section}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in values.items()))
+    if "note" in results:
+        print(f"note: {results['note']}")
     (Path(args.ckpt) / "eval.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {Path(args.ckpt) / 'eval.json'}")
     return 0

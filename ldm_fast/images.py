@@ -17,9 +17,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile a batch into one uint8 image, `nrow` images per row (default: square-ish)."""
+    """Tile a batch into one uint8 image, `nrow` images per row (default: square-ish), on a
+    white background `pad` pixels wide. A single image is returned as it is: a frame around
+    it would read as part of the picture (e.g. a white border on a super-resolved photo)."""
     arr = to_uint8(images)
     b, h, w, c = arr.shape
+    if b == 1:
+        return arr[0]
     nrow = nrow or math.ceil(math.sqrt(b))
     rows = math.ceil(b / nrow)
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)

@@ -18,7 +18,11 @@ def image_tensor(value, name: str) -> torch.Tensor:
             return (torch.from_numpy(np.asarray(value.convert("L"), dtype=np.float32)) > 127).float()
         if name == "semantic":
             return torch.from_numpy(np.asarray(value, dtype=np.int64))
-        value = np.asarray(value.convert("RGB"), dtype=np.float32) / 127.5 - 1
+        from ldm_fast.data.folder import pil_rgb
+
+        # As training reads images: a plain convert("RGB") would drop alpha onto whatever
+        # colour transparent pixels store, clip 16-bit greys and ignore EXIF rotation.
+        value = np.asarray(pil_rgb(value), dtype=np.float32) / 127.5 - 1
         return torch.from_numpy(value).permute(2, 0, 1)
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)

@@ -9,8 +9,8 @@ CPU, so CPU and CUDA agree). Conditional runs take their task's inputs:
   semantic   --semantic map.png        (an 8-bit image of class ids, or .npy)
   sr         --lr low_res.png
   inpaint    --image photo.png --mask mask.png   (mask: white = fill)
-Fewer inputs than --n are cycled. Without inputs, held-out procedural inputs are used (the
-grid `train` writes). `--outdir DIR` writes one PNG per image, each carrying its prompt, seed,
+Fewer inputs than --n are cycled. Without inputs, the run's held-out data gives them (its
+procedural images, or the held-out split of its image folder: the grid `train` writes). `--outdir DIR` writes one PNG per image, each carrying its prompt, seed,
 sampler, steps, guidance and model in PNG text chunks, and DIR/grid.png; `--out` the grid
 alone. `--height` and `--width` sample larger than the training size (convolutional
 sampling); `--tile` decodes in tiles so memory stays bounded.
@@ -57,7 +57,7 @@ def _main(argv=None) -> int:
     if kwargs["n"] is None and not any(k in inputs for k in pipe.inputs):
         kwargs["n"] = 16
     if pipe.inputs and not any(k in inputs for k in pipe.inputs):
-        inputs.update(heldout_inputs(pipe.cfg, pipe.inputs, kwargs["n"]))
+        inputs.update(heldout_inputs(pipe.cfg, pipe.inputs, kwargs["n"], run_dir=args.ckpt))
     t0 = time.perf_counter()
     result = pipe(**inputs, **kwargs)
     written = cli.write_outputs(result, args)

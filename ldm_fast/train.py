@@ -109,7 +109,11 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
     if ctx.is_main:
         save_config(cfg, run)
         print(f"run directory: {run.path.resolve()}" + (f" ({ctx.world_size} ranks)" if ctx.enabled else ""))
-    train_set, heldout = build_datasets(cfg.data, task_fields(cfg))
+    summary: list[str] = []
+    train_set, heldout = build_datasets(cfg.data, task_fields(cfg), run_dir=run.path, store_split=ctx.is_main,
+                                        summary=summary)
+    if ctx.is_main and summary:
+        print("\n".join(summary))
     progress = not args.no_progress
     try:
         if "autoencoder" in stages:
@@ -125,6 +129,8 @@ def _train(cfg, run, stages, args, device, ctx) -> int:
             if task_of(cfg).conditional:
                 conditioner = build_conditioner(cfg, first_stage, dataset_captions(ldm_set),
                                                 run_dir=run.path, device=device)
+                if ctx.is_main:
+                    save_config(cfg, run)  # the text context may have grown to fit the captions
             if cfg.train_ldm.cached_latents:
                 ldm_set = _cached(cfg, first_stage, ldm_set, device, progress and ctx.is_main)
             train_ldm(cfg, run, first_stage, ldm_set, device, args.resume, progress, conditioner)
@@ -145,7 +151,7 @@ def final_grid(run_dir: Path, device, seed: int, progress: bool, n: int = 16) ->
     from ldm_fast.tasks import heldout_inputs
 
     pipe = Pipeline.from_run_dir(run_dir, device=device)
-    inputs = heldout_inputs(pipe.cfg, pipe.inputs, n) if pipe.inputs else {}
+    inputs = heldout_inputs(pipe.cfg, pipe.inputs, n, run_dir=run_dir) if pipe.inputs else {}
     out = pipe(**inputs, n=n, seed=seed, progress=progress)
     return save_grid(out.images, Path(run_dir) / "samples.png", upscale=4 if out.images.shape[-1] <= 64 else 1)
 

@@ -125,8 +125,10 @@ class Trainer:
     """The loop of one stage ("autoencoder" or "ldm"), checkpointed in RUN_DIR/<stage>/."""
 
     def __init__(self, stage: str, cfg: Config, tc: TrainConfig, run: RunDir, device, seed: int,
-                 progress: bool = True):
+                 progress: bool = True, shown: dict[str, str] | None = None):
         self.stage, self.cfg, self.tc, self.run = stage, cfg, tc, run
+        # What the progress bar shows: label → key of the step's logs (those present).
+        self.shown = shown or {"loss": "loss"}
         self.device, self.ctx = torch.device(device), distributed.current()
         self.progress = progress
         # Every random number of the stage comes from this generator (drawn for the global batch).
@@ -265,8 +267,8 @@ class Trainer:
                                   "nonfinite_skipped": self.nonfinite_total}
                         record.update({k: float(v) for k, v in logs.items()})
                         self.run.append_metrics(record)
-                        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                                        img_s=f"{record['images_per_s']:.1f}")
+                        bar.set_postfix(**{label: f"{record[key]:.4g}" for label, key in self.shown.items()
+                                           if key in record}, img_s=f"{record['images_per_s']:.1f}")
                         t0, images = time.perf_counter(), 0
                     if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps or sigterm.raised:
                         self._save(step + 1, state, collective_save, batches)

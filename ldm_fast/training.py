@@ -115,7 +115,10 @@ def train_autoencoder(cfg: Config, run: RunDir, train_set: Dataset, heldout: Dat
     gen_params = list(model.parameters())
     opt_g = torch.optim.Adam(gen_params, lr=tc.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9))
-    trainer = Trainer("autoencoder", cfg, tc, run, device, cfg.seed, progress)
+    # The reconstruction error first: the learned-variance NLL (rec/exp(logvar) + logvar, summed
+    # over pixels) goes far below zero as logvar falls, which alone reads like a bug.
+    trainer = Trainer("autoencoder", cfg, tc, run, device, cfg.seed, progress,
+                      shown={"rec_l1": "l1", "nll": "nll", "d_weight": "d_weight"})
     generator = trainer.generator
 
     def load(tensors, meta):

@@ -53,6 +53,13 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor
     return torch.from_numpy(arr / 127.5 - 1.0)
 
 
+def pil_rgb(im: Image.Image) -> Image.Image:
+    """A decoded picture the way training sees it: camera rotation applied (EXIF), 16-bit
+    tones kept, transparency composited on white. Sampling inputs (`--lr`, `--image`) go
+    through this too, so a photograph is read the same way it would be for training."""
+    return _to_rgb(ImageOps.exif_transpose(im))
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (a plain convert would expose whatever
     colour the transparent pixels happen to store, often black)."""
@@ -83,15 +90,19 @@ def caption_path(path: Path) -> Path:
     return path.with_suffix(".txt")
 
 
-def validate_images(paths: list[Path], mode: str = "full") -> tuple[list[Path], list[tuple[str, str]]]:
-    """Split `paths` into readable images and (path, reason) pairs for the rest (see module doc)."""
+def validate_images(paths: list[Path], mode: str = "full",
+                    sizes: list | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Split `paths` into readable images and (path, reason) pairs for the rest (see module doc).
+    `sizes`, when given, receives the (width, height) of each readable image (None in mode "none")."""
     if mode not in VALIDATE_MODES:
         raise ValueError(f"validate: expected one of {VALIDATE_MODES}, got {mode!r}")
     good, skipped = [], []
     for p in paths:
         try:
-            _check(p, mode)
+            size = _check(p, mode)
             good.append(p)
+            if sizes is not None:
+                sizes.append(size)
         except Exception as e:  # Pillow raises many types for bad files; all mean "skip"
             skipped.append((str(p), f"{type(e).__name__}: {e}"))
     return good, skipped
@@ -106,16 +117,18 @@ def report_skipped(what: str, skipped: list[tuple[str, str]], total: int) -> Non
                       stacklevel=3)
 
 
-def _check(path: Path, mode: str) -> None:
-    """Raise if the file is not a readable image (header only, or a full decode)."""
+def _check(path: Path, mode: str) -> tuple[int, int] | None:
+    """Raise if the file is not a readable image (header only, or a full decode); its size."""
     if mode == "none":
-        return
+        return None
     with Image.open(path) as im:
+        size = im.size  # before draft(), which shrinks it
         if mode == "full":
             im.draft("RGB", (64, 64))  # a reduced JPEG decode still reads every byte
             im.load()
         else:
             im.verify()  # header sanity; PNG chunk CRCs too, without decompressing
+    return size
 
 
 class ImageFolderDataset(Dataset):
@@ -135,7 +148,9 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"resolution: must be positive, got {(h, w)}")
         self.height, self.width, self.captions = int(h), int(w), bool(captions)
         candidates = find_images(self.root)
-        self.paths, self.skipped = validate_images(candidates, validate)
+        self.num_found = len(candidates)
+        self.sizes: list = []  # (width, height) per path, for the run's data summary
+        self.paths, self.skipped = validate_images(candidates, validate, self.sizes)
         report_skipped(f"ImageFolderDataset({self.root})", self.skipped, len(candidates))
         if not self.paths:
             raise ValueError(f"all {len(candidates)} image files under {self.root} are unreadable")
@@ -147,6 +162,9 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def has_caption(self, index: int) -> bool:
+        return caption_path(self.paths[index]).is_file()
 
     def caption_for(self, path: Path) -> str:
         side = caption_path(path)

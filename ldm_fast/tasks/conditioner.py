@@ -5,6 +5,7 @@ side of a trained run."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from ldm_fast.tasks.parts import _batch_size, _TextPart
 from ldm_fast.tasks.registry import check_task
 
 TOKENIZER_FILE = "tokenizer.json"
+log = logging.getLogger(__name__)
 
 
 def check_inputs(task: str, mode: str, needed, given: dict) -> None:
@@ -177,7 +179,8 @@ def _build_text_encoder(cfg: Config, train_captions, run_dir, strict: bool):
         cls = FrozenCLIPTextEncoder if is_clip_dir(cc.pretrained_text_encoder) else FrozenPretrainedTextEncoder
         return cls(cc.pretrained_text_encoder, cc.max_length, strict), None, False
     saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
-    if saved is not None and saved.is_file():
+    resumed = saved is not None and saved.is_file()
+    if resumed:
         tokenizer = load_tokenizer(saved)
     elif cc.tokenizer:
         tokenizer = load_tokenizer(cc.tokenizer)
@@ -186,8 +189,10 @@ def _build_text_encoder(cfg: Config, train_captions, run_dir, strict: bool):
     else:
         raise ValueError("text conditioning needs a tokenizer: set conditioning.tokenizer to a local "
                          "tokenizer.json / vocab.txt, or pass train_captions to train one")
-    if saved is not None and not saved.is_file():
+    if saved is not None and not resumed:
         tokenizer.save(saved)
+    if train_captions is not None and not resumed:
+        _fit_context(cc, tokenizer, train_captions)
     if cc.text_encoder == "ldm_bert":  # a converted LDM text-to-image model's τθ
         from ldm_fast.ldm_bert import LDMBertTextEncoder
 
@@ -196,6 +201,19 @@ def _build_text_encoder(cfg: Config, train_captions, run_dir, strict: bool):
     else:
         enc = TextTransformer(tokenizer, cc.max_length, cc.embed_dim, cc.n_layers, cc.n_heads, strict)
     return enc, tokenizer, True
+
+
+def _fit_context(cc, tokenizer, captions) -> None:
+    """A τθ trained from scratch on these captions: raise conditioning.max_length to the
+    longest caption's token count ([CLS] … [SEP]), so no training caption is cut. Only a new
+    run does this (a saved tokenizer means the run's config already holds its length); the
+    caller saves the config again."""
+    lengths = [len(e.ids) for e in tokenizer.tokenizer.encode_batch([c for c in captions if c])]
+    longest = max(lengths, default=0)
+    if longest > cc.max_length:
+        log.info("text: conditioning.max_length raised from %d to %d tokens, the longest training caption",
+                 cc.max_length, longest)
+        cc.max_length = longest
 
 
 def _check_unet(cfg: Config, concat_channels: int, context_dim: int | None, adm_classes: int) -> None:

@@ -26,13 +26,14 @@ def task_dataset(cfg: Config, dataset: Dataset, seed: int | None = None) -> Data
     return dataset.with_transform(pairs.add_to) if isinstance(dataset, ShardStream) else pairs
 
 
-def heldout_inputs(cfg: Config, names, n: int) -> dict:
+def heldout_inputs(cfg: Config, names, n: int, run_dir=None) -> dict:
     """Pipeline inputs (keywords in `names`, e.g. Pipeline.inputs) taken from the first n
     held-out items, cycled when the held-out set is smaller than n: the grid training ends
-    with, and what `sample` uses when no inputs are given."""
+    with, and what `sample` uses when no inputs are given. `run_dir`: the run whose stored
+    held-out split of an image folder to use."""
     from ldm_fast.data.build import build_datasets
 
-    _, heldout = build_datasets(cfg.data, task_fields(cfg))
+    _, heldout = build_datasets(cfg.data, task_fields(cfg), run_dir=run_dir)
     paired = task_dataset(cfg, heldout)
     items = [paired[i % len(heldout)] for i in range(n)]
     inputs = dict(task_of(cfg).heldout(items))

@@ -27,7 +27,13 @@ def _metric(ctx) -> dict:
 
     prompts = list(ctx.batch["caption"])
     targets = [_prompt_target(p) for p in prompts]
-    res = {}
+    scored = sum(t != (None, None) for t in targets)
+    if not scored:
+        # The classifier knows only the procedural shapes and colours: a caption naming
+        # neither (a real folder's) has nothing it could agree with.
+        return {"note": f"prompt agreement not measured: none of the {len(prompts)} held-out captions names "
+                        "a procedural shape or colour, the only things its classifier recognises"}
+    res = {"captions_scored": scored}  # of n: those naming a procedural shape or colour
     for name, g in ctx.guidances():
         pred = extract(ctx.net, ctx.sample({"prompts": prompts}, g)).probs.argmax(1)
         shape, colour = pred // ctx.net.num_colors, pred % ctx.net.num_colors
@@ -35,9 +41,11 @@ def _metric(ctx) -> dict:
         ok_c = [int(c) == t[1] for c, t in zip(colour, targets) if t[1] is not None]
         ok_b = [int(s) == t[0] and int(c) == t[1] for s, c, t in zip(shape, colour, targets)
                 if None not in t]
-        res[f"shape_agreement_{name}"] = float(np.mean(ok_s)) if ok_s else float("nan")
-        res[f"colour_agreement_{name}"] = float(np.mean(ok_c)) if ok_c else float("nan")
-        res[f"agreement_{name}"] = float(np.mean(ok_b)) if ok_b else float("nan")
+        # A figure only over the prompts that name what it checks (none: left out, not NaN).
+        for key, ok in ((f"shape_agreement_{name}", ok_s), (f"colour_agreement_{name}", ok_c),
+                        (f"agreement_{name}", ok_b)):
+            if ok:
+                res[key] = float(np.mean(ok))
     return res
 
 
