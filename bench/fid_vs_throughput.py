@@ -237,6 +237,7 @@ def main(argv=None) -> int:
     flags = agreement(results)
     pareto(results)
     payload = {"benchmark": "fid_vs_throughput", "machine": info, "args": vars(args),
+               "command": bl.command_line("fid_vs_throughput.py", argv),
                "model": {"run_dir": str(run_dir), "config": cfg.name, **provenance,
                          "unet_params": sum(p.numel() for p in base.unet.parameters())},
                "fd_name": probe.fd_name, "fid_unavailable": probe.fid_unavailable,
@@ -318,7 +319,7 @@ def plot(payload: dict, path: Path) -> None:
     cpu = payload["machine"]["device_type"] == "cpu"
     ax.set_xlabel("images/s" + (" (CPU)" if cpu else "") + " — decoding included")
     ax.set_ylabel(f"{payload['fd_name']} (lower is better; bars: bootstrap noise)")
-    ax.set_title(f"{payload['model']['config']} on {payload['machine']['name']} — labels: sampler steps", fontsize=9)
+    ax.set_title(f"{payload['model']['config']} — labels: sampler steps\n{bl.provenance(payload)}", fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -332,6 +333,8 @@ def markdown(payload: dict) -> str:
     lines = [f"### {name} vs throughput — {payload['machine']['name']}",
              f"{payload['machine']['date']}; model {payload['model']['config']} ({payload['model']['run_dir']}); "
              f"{payload['args']['samples']} samples per point against {payload['reference_images']} held-out images."]
+    if payload.get("command"):
+        lines.append(f"Command: `{payload['command']}`")
     if payload["model"].get("trained_micro_run"):
         lines.append(f"Model: {payload['model']['trained_micro_run']}.")
     lines.append("")

@@ -1,13 +1,16 @@
 """`python -m ldm_fast.evaluate --ckpt RUN_DIR`: how good is a trained run?
 
-- First stage: reconstruction PSNR / SSIM on held-out images.
+- First stage: reconstruction PSNR / SSIM on held-out images (LPIPS too when the run names its
+  weights file, autoencoder.lpips_weights).
 - Conditional runs: the task's metric (ldm_fast.tasks.evaluate_task: class accuracy guided vs
   unguided, prompt agreement, box-crop accuracy, mIoU, PSNR/SSIM vs bicubic, masked L1).
 - Unconditional LDM: FD-shapes — the Fréchet distance between samples and held-out images in the features of
   the project's own small network trained on the procedural data (it is *not* FID; FID needs
   the Inception weights, see ldm_fast.metrics.inception), and precision/recall in those features;
   with `--fid PATH` (or $LDM_FID_INCEPTION) also FID, preprocessed as torch-fidelity does
-  (`--fid-mode` pytorch-fid / clean-fid for the others).
+  (`--fid-mode` pytorch-fid / clean-fid for the others). On image-folder or shard runs FD-shapes
+  and its precision/recall are left out — their feature network knows only the procedural shapes,
+  so on other images they would measure nothing — and FID is the sample metric (with --fid).
 Prints a table and writes RUN_DIR/eval.json.
 """
 
@@ -54,22 +57,45 @@ def heldout_images(dataset, n: int) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(n)])
 
 
+def fd_shapes_unavailable(cfg) -> str | None:
+    """Why FD-shapes says nothing about this run's images (None when it does)."""
+    if cfg.data.dataset == "procedural":
+        return None
+    return (f"{FD_NAME} left out: its feature network is trained on the procedural shapes and says nothing "
+            f"about {cfg.data.dataset} data ({cfg.data.root}); pass --fid PATH (Inception weights) for FID")
+
+
 @torch.no_grad()
-def reconstruction_metrics(first_stage, images, batch_size: int, device) -> dict:
+def reconstruction_metrics(first_stage, images, batch_size: int, device, lpips_weights: str = "") -> dict:
     recons = torch.cat([first_stage(chunk.to(device), sample=False)[0].clamp(-1, 1).cpu()
                         for chunk in images.split(batch_size)])
-    return {"psnr_db": psnr(recons, images).mean, "ssim": ssim(recons, images).mean}
+    results = {"psnr_db": psnr(recons, images).mean, "ssim": ssim(recons, images).mean}
+    if lpips_weights and Path(lpips_weights).expanduser().is_file():
+        from ldm_fast.losses import LPIPS
+
+        lpips = LPIPS.from_file(str(Path(lpips_weights).expanduser()))
+        results["lpips"] = float(torch.cat([lpips(a, b) for a, b in zip(recons.split(batch_size),
+                                                                          images.split(batch_size))]).mean())
+    return results
 
 
 @torch.no_grad()
-def sample_metrics(pipe, reference, args) -> dict:
+def sample_metrics(pipe, reference, args) -> dict | None:
+    """FD-shapes + precision/recall (procedural runs) and FID (with --fid) of len(reference)
+    samples; None, after saying why, when no metric is valid for the run's data."""
+    unavailable = fd_shapes_unavailable(pipe.cfg)
+    if unavailable:
+        print(unavailable)
+        if not args.fid:
+            return None
     out = pipe(n=len(reference), seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
                batch_size=args.batch_size, progress=not args.no_progress)
     samples = out.images
-    net = load_shapes_net(pipe.cfg.data.resolution)
-    precision, recall = precision_recall(extract(net, reference).features, extract(net, samples).features)
-    results = {FD_NAME: fd_shapes(net, samples, reference), "precision": precision, "recall": recall,
-               "sampler": out.metadata[0]["sampler"], "steps": out.metadata[0]["steps"]}
+    results = {"sampler": out.metadata[0]["sampler"], "steps": out.metadata[0]["steps"]}
+    if not unavailable:
+        net = load_shapes_net(pipe.cfg.data.resolution)
+        precision, recall = precision_recall(extract(net, reference).features, extract(net, samples).features)
+        results.update({FD_NAME: fd_shapes(net, samples, reference), "precision": precision, "recall": recall})
     if args.fid:
         from ldm_fast.metrics.inception import fid
 
@@ -93,11 +119,14 @@ def _main(argv=None) -> int:
     if cfg.autoencoder.kind != "identity":
         with ops.backend(args.kernels):
             results["autoencoder"] = reconstruction_metrics(load_first_stage(args.ckpt, args.device, cfg),
-                                                            reference, args.batch_size, args.device)
+                                                            reference, args.batch_size, args.device,
+                                                            cfg.autoencoder.lpips_weights)
     if not args.skip_samples and (Path(args.ckpt) / "ldm.safetensors").is_file():
         pipe = Pipeline.from_run_dir(args.ckpt, device=args.device, kernels=args.kernels)
         if pipe.conditioner is None:
-            results["ldm"] = sample_metrics(pipe, reference, args)
+            ldm = sample_metrics(pipe, reference, args)
+            if ldm is not None:
+                results["ldm"] = ldm
         else:
             from ldm_fast.tasks import evaluate_task
 

@@ -109,15 +109,43 @@ def test_train_throughput_quick(tmp_path):
 @pytest.mark.slow
 def test_compression_quick(tmp_path, work):
     out = tmp_path / "c.json"
-    assert load("compression").main(["--quick", "--factors", "4,8", "--out", str(out),
+    assert load("compression").main(["--quick", "--factors", "4,8", "--resolution", "32", "--out", str(out),
                                      "--work-dir", str(work)]) == 0
     data = json.loads(out.read_text())
     assert [r["f"] for r in data["results"]] == [4, 8]
     assert data["results"][1]["latent"] == [4, 4, 4]
+    budget = data["args"]["ldm_cpu_s"]
     for r in data["results"]:
         assert r["images_per_s"] > 0 and r["quality"]["fd_shapes"] >= 0 and r["quality"]["fd_shapes_noise"] >= 0
+        # Trained by CPU time, scored along the way: steps grow, the last point is the budget.
+        steps = [p["steps"] for p in r["progress"]]
+        assert len(steps) == 2 and steps == sorted(steps) and r["ldm_cpu_s"] >= budget * 0.5
+    assert data["command"].startswith("python bench/compression.py --quick")
     assert data["fd_name"] == "FD-shapes"
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_compression_budget_lands_on_its_cpu_time_marks():
+    """Equal compute: training is chunked until the stage has used its CPU seconds, and scored
+    at each mark — here a fake stage that burns a known CPU time per step."""
+    import time
+    from types import SimpleNamespace
+
+    comp = load("compression")
+    tc, done, per_step = SimpleNamespace(steps=0), [0], 0.004
+
+    def chunk():
+        end = time.process_time() + (tc.steps - done[0]) * per_step
+        while time.process_time() < end:
+            pass
+        done[0] = tc.steps
+
+    marks = comp.progress_targets(0.4, 3)
+    assert marks == pytest.approx([0.1, 0.2, 0.4])
+    points = list(comp.train_for(chunk, tc, 0.4, marks, first_chunk=5))
+    assert len(points) == 3 and [s for _, s in points] == sorted(s for _, s in points)
+    for (cpu_s, steps), mark in zip(points, marks):
+        assert abs(cpu_s - mark) < 4 * per_step + 0.02 and abs(steps - mark / per_step) <= 8
 
 
 @pytest.mark.slow

@@ -15,13 +15,13 @@ from benchlib.flops import GPU_PEAKS, FlopCounter, peak_flops, torch_flop_count
 from benchlib.machine import (REPO, RESULTS_DIR, add_threads_arg, cpu_model, machine, machine_slug, pick_device,
                               set_threads, slug)
 from benchlib.quality import QualityProbe, fd_with_noise
-from benchlib.results import (default_out, fmt, fmt_spread, log, render, splice, table, write_json,
-                              write_report)
+from benchlib.results import (command_line, default_out, fmt, fmt_spread, log, provenance, render, splice, table,
+                              write_json, write_report)
 from benchlib.timing import (compiled_gpu_unavailable, measure, peak_memory, summarize, synchronize, time_once,
                              triton_median_ms)
 
-__all__ = ["GPU_PEAKS", "REPO", "RESULTS_DIR", "FlopCounter", "QualityProbe", "add_threads_arg",
+__all__ = ["GPU_PEAKS", "REPO", "RESULTS_DIR", "FlopCounter", "QualityProbe", "add_threads_arg", "command_line",
            "compiled_gpu_unavailable", "cpu_model", "default_out", "fd_with_noise", "fmt", "fmt_spread", "log",
-           "machine", "machine_slug", "measure", "peak_flops", "peak_memory", "pick_device", "render",
+           "machine", "machine_slug", "measure", "peak_flops", "peak_memory", "pick_device", "provenance", "render",
            "set_threads", "slug", "splice", "summarize", "synchronize", "table", "time_once", "torch_flop_count",
            "triton_median_ms", "write_json", "write_report"]

@@ -84,6 +84,23 @@ def fmt_spread(stats: dict | None, scale: float = 1e3, spec: str = ".3g") -> str
             f"({format(stats['p25'] * scale, spec)}–{format(stats['p75'] * scale, spec)})")
 
 
+def command_line(script: str, argv=None) -> str:
+    """The command that made a result, as a user would type it (argv None: this process's)."""
+    import shlex
+
+    return f"python bench/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def provenance(payload: dict) -> str:
+    """One line for a figure: machine, date, versions and the command (when recorded)."""
+    m = payload.get("machine") or {}
+    line = (f"{m.get('name', '?')}, {str(m.get('date', '?'))[:16]}, torch {m.get('torch')}, triton {m.get('triton')}"
+            + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
+            + (f", {m['torch_threads']} CPU thread(s)" if m.get("device_type") == "cpu" else "")
+            + (f", commit {m['git_commit']}" if m.get("git_commit") else ""))
+    return line + (f"\n{payload['command']}" if payload.get("command") else "")
+
+
 def log(*args) -> None:
     print(*args, flush=True, file=sys.stderr)
 
@@ -169,7 +186,9 @@ def render_one(bench: str, path: Path, data: dict, repo: Path) -> str:
         extra.append(f"date {m.get('date')}, torch {m.get('torch')}, triton {m.get('triton')}, "
                      f"python {m.get('python')}" + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
                      + (f", {m['torch_threads']} CPU thread(s)" if m.get("device_type") == "cpu" else "")
-                     + (f", commit {m['git_commit']}" if m.get("git_commit") else ""))
+                     + (f", commit {m['git_commit']}" if m.get("git_commit") else "")
+                     + (f"; command `{data['command']}`" if data.get("command")
+                        else "; command not recorded (measured before results carried it)"))
     png = path.with_suffix(".png")
     out = [head, ""] + ([f"<sub>{extra[0]}</sub>", ""] if extra else []) + [md.strip()]
     if png.is_file():
