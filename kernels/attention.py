@@ -378,9 +378,9 @@ _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 
 # Autotuning candidates per kernel and head-dim bucket (the next power of two, `_bucket`):
 # (owner block, streamed block, warps, stages), the owner being the query block for fwd/dq and
-# the key block for dkdv. Every one is compiled for sm_90 by kernels/ptx_audit.py (in CI, no GPU needed), which holds them to: no
-# spills or stack, 128-bit loads staged through cp.async, wgmma for 64-row tiles. Pruned on
-# that evidence (triton 3.6 and 3.9):
+# the key block for dkdv. Every one is compiled for sm_90 by kernels/ptx_audit.py (in CI, no
+# GPU needed), which holds them to: no spills or stack, 128-bit loads staged through cp.async,
+# wgmma for 64-row tiles. Pruned on that evidence (triton 3.6 and 3.9):
 #   * 32-row owner blocks in 16-bit: Hopper's wgmma needs 64 rows per warpgroup, so these
 #     compile to the older mma.sync — wide heads (the 256 bucket, SD's 160) use 64-row owners
 #     with short streamed blocks instead. dK/dV there holds k, v, dk and dv in registers: as
