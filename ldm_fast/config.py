@@ -365,8 +365,12 @@ def tiny() -> Config:
     """The default demo: 32² procedural images, KL-f4 first stage, a small UNet; ~10 min on 2 CPU cores."""
     ae = AutoencoderConfig(kind="kl", base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                            z_channels=3, resolution=32, groups=8, kl_weight=1e-6,
-                           perceptual_weight=0.0, disc_weight=0.5, disc_start=1200,
+                           perceptual_weight=0.0, disc_weight=0.5, disc_start=1500, disc_warmup=100,
                            disc_channels=32, disc_layers=2)
+    # No adversarial term within the default 1500 steps: like the original (disc_start 50001,
+    # after convergence) it is a late fine-tuning stage. Switched on at step 1200 it cost 0.7 dB
+    # PSNR / 0.03 SSIM on held-out 32² photographs, with a discriminator warm-up as well
+    # (README, "Real images"); longer runs (--steps) get it from step 1500, warmed up.
     unet = UNetConfig(in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2),
                       num_res_blocks=1, attention_resolutions=(2,), num_head_channels=32,
                       groups=16)

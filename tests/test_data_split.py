@@ -113,3 +113,10 @@ def test_missing_captions_null_or_skip(classes):
     cfg.data.missing_captions = "empty"
     with pytest.raises(ConfigError, match="data.missing_captions"):
         validate(cfg)
+
+
+def test_any_prefix_of_the_heldout_set_spans_the_subfolders(classes):
+    # evaluate --n 10 and the 16-image grids take the first items: not all from one subfolder.
+    _, held = build_datasets(DataConfig(dataset="folder", root=str(classes), resolution=8, heldout_samples=30))
+    first = _names(held)[:4]  # sorted, these would all be from "a"
+    assert len({n.split("/")[0] for n in first}) >= 2

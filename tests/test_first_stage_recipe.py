@@ -46,3 +46,26 @@ def test_disc_warmup_is_validated():
     cfg.autoencoder.disc_warmup = -1
     with pytest.raises(ConfigError, match="autoencoder.disc_warmup"):
         validate(cfg)
+
+
+def test_progress_shows_reconstruction_error_and_nll_separately(tmp_path, capsys):
+    """The autoencoder's progress line leads with the reconstruction L1; the learned-variance
+    NLL (far below zero once logvar falls) comes as its own, labelled figure."""
+    from ldm_fast.run import RunDir
+    from ldm_fast.trainer import Phase, Trainer
+    from micro import micro_config
+
+    cfg = micro_config(2)
+    tc = cfg.train_autoencoder
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    trainer = Trainer("autoencoder", cfg, tc, RunDir(tmp_path), "cpu", seed=0, progress=True,
+                      shown={"rec_l1": "l1", "nll": "nll", "d_weight": "d_weight"})
+
+    def loss(micro, step):
+        value = w.sum()
+        return value, {"loss": value.detach(), "l1": torch.tensor(0.0812), "nll": torch.tensor(-3233.0)}
+
+    trainer.fit([Phase("generator", opt, loss, [w])], None, lambda keep: ({}, {}))
+    err = capsys.readouterr().err
+    assert "rec_l1=0.0812" in err and "nll=-3233" in err and "loss=" not in err and "d_weight" not in err

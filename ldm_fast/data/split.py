@@ -28,8 +28,9 @@ def group_of(path: Path, root: Path) -> str:
 
 
 def stratified_heldout(paths: list[Path], root: Path, n_held: int, seed: int) -> list[int]:
-    """Indices (sorted) of `n_held` of `paths`, drawn at random with `seed`, each top-level
-    subfolder contributing in proportion to its size."""
+    """Indices of `n_held` of `paths`, drawn at random with `seed`, each top-level subfolder
+    contributing in proportion to its size; in a random order, so that the first k (what
+    `evaluate --n k` and the sample grids take) are a sample of every subfolder too."""
     if n_held <= 0:
         return []
     groups: dict[str, list[int]] = {}
@@ -47,7 +48,7 @@ def stratified_heldout(paths: list[Path], root: Path, n_held: int, seed: int) ->
     for k, g in enumerate(names):
         members = groups[g]
         held += [members[j] for j in rng.permutation(len(members))[:quota[k]]]
-    return sorted(held)
+    return [held[j] for j in rng.permutation(len(held))]
 
 
 def save_heldout(run_dir, paths: list[Path], root: Path) -> Path:
@@ -59,8 +60,9 @@ def save_heldout(run_dir, paths: list[Path], root: Path) -> Path:
 
 
 def load_heldout(run_dir, paths: list[Path], root: Path) -> list[int] | None:
-    """Indices into `paths` of the run's stored held-out files, or None when the run has no
-    stored split. Stored files that are gone or no longer readable are reported and dropped."""
+    """Indices into `paths` of the run's stored held-out files (in the stored order), or None
+    when the run has no stored split. Stored files that are gone or no longer readable are
+    reported and dropped."""
     stored = Path(run_dir) / HELDOUT_FILE if run_dir is not None else None
     if stored is None or not stored.is_file():
         return None
@@ -70,7 +72,7 @@ def load_heldout(run_dir, paths: list[Path], root: Path) -> list[int] | None:
     if missing:
         warnings.warn(f"{stored}: {len(missing)} of {len(names)} held-out files are missing or unreadable now "
                       f"(e.g. {missing[0]}); evaluating on the other {len(names) - len(missing)}", stacklevel=3)
-    return sorted(index[n] for n in names if n in index)
+    return [index[n] for n in names if n in index]
 
 
 def folder_summary(dataset, held: list[int], train_size: int, *, caption_rule: str | None, stored: bool,
