@@ -139,6 +139,8 @@ def parse_args(argv=None):
     ap.add_argument("--inception", default=None, help="FID Inception weights (else $LDM_FID_INCEPTION)")
     ap.add_argument("--quick", action="store_true", help="a second of training per f, 8 samples, a seconds-trained "
                     "feature network: proves the script runs; the numbers mean nothing")
+    ap.add_argument("--resume", action="store_true", help="reuse the factors an interrupted run with the same "
+                    "budgets finished in --work-dir (its partial.json and trained runs); train the rest")
     ap.add_argument("--out", default=None, help="JSON path (PNG next to it)")
     bl.add_threads_arg(ap)
     args = ap.parse_args(argv)
@@ -179,9 +181,15 @@ def main(argv=None) -> int:
     targets = progress_targets(args.ldm_cpu_s, args.progress_points)
 
     rows, models = [], {}
+    finished = finished_factors(work, args) if args.resume else {}
     for f in factors:
         cfg = study_config(f, args)
         run = RunDir(work / f"f{f}")
+        if f in finished:
+            rows.append(finished[f])
+            models[f], _ = load_model(run.path)
+            bl.log(f"f={f}: reused from {work / 'partial.json'}")
+            continue
         save_config(cfg, run)
         row = {"f": f, "latent": [cfg.unet.out_channels, args.resolution // f, args.resolution // f]}
         if f == 1:
@@ -256,6 +264,26 @@ def main(argv=None) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+# Arguments that do not change what a finished factor's row means.
+NOT_IDENTITY = ("factors", "time_reps", "sample_batch", "work_dir", "out", "resume", "threads")
+
+
+def finished_factors(work: Path, args) -> dict[int, dict]:
+    """{f: row} of the factors an earlier run in `work` finished with the same budgets and sizes."""
+    import json
+
+    path = work / "partial.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = {k: v for k, v in vars(args).items() if k not in NOT_IDENTITY}
+    differs = [k for k, v in same.items() if earlier["args"].get(k) != v]
+    if differs:
+        raise SystemExit(f"--resume: {path} was made with other settings ({', '.join(differs)}); "
+                         "use another --work-dir")
+    return {r["f"]: r for r in earlier["results"] if (work / f"f{r['f']}" / "ldm.safetensors").is_file()}
 
 
 def separated(a: dict, b: dict, k: float = 3.0) -> bool:
