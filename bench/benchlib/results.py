@@ -98,7 +98,11 @@ def provenance(payload: dict) -> str:
             + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
             + (f", {m['torch_threads']} CPU thread(s)" if m.get("device_type") == "cpu" else "")
             + (f", commit {m['git_commit']}" if m.get("git_commit") else ""))
-    return line + (f"\n{payload['command']}" if payload.get("command") else "")
+    if not payload.get("command"):
+        return line
+    import textwrap
+
+    return line + "\n" + "\n".join(textwrap.wrap(payload["command"], 130, break_on_hyphens=False))
 
 
 def log(*args) -> None:
