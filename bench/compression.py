@@ -139,6 +139,8 @@ def parse_args(argv=None):
     ap.add_argument("--inception", default=None, help="FID Inception weights (else $LDM_FID_INCEPTION)")
     ap.add_argument("--quick", action="store_true", help="a second of training per f, 8 samples, a seconds-trained "
                     "feature network: proves the script runs; the numbers mean nothing")
+    ap.add_argument("--resume", action="store_true", help="reuse the factors an interrupted run with the same "
+                    "budgets finished in --work-dir (its partial.json and trained runs); train the rest")
     ap.add_argument("--out", default=None, help="JSON path (PNG next to it)")
     bl.add_threads_arg(ap)
     args = ap.parse_args(argv)
@@ -179,9 +181,15 @@ def main(argv=None) -> int:
     targets = progress_targets(args.ldm_cpu_s, args.progress_points)
 
     rows, models = [], {}
+    finished = finished_factors(work, args) if args.resume else {}
     for f in factors:
         cfg = study_config(f, args)
         run = RunDir(work / f"f{f}")
+        if f in finished:
+            rows.append(finished[f])
+            models[f], _ = load_model(run.path)
+            bl.log(f"f={f}: reused from {work / 'partial.json'}")
+            continue
         save_config(cfg, run)
         row = {"f": f, "latent": [cfg.unet.out_channels, args.resolution // f, args.resolution // f]}
         if f == 1:
@@ -258,6 +266,26 @@ def main(argv=None) -> int:
     return 0
 
 
+# Arguments that do not change what a finished factor's row means.
+NOT_IDENTITY = ("factors", "time_reps", "sample_batch", "work_dir", "out", "resume", "threads")
+
+
+def finished_factors(work: Path, args) -> dict[int, dict]:
+    """{f: row} of the factors an earlier run in `work` finished with the same budgets and sizes."""
+    import json
+
+    path = work / "partial.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = {k: v for k, v in vars(args).items() if k not in NOT_IDENTITY}
+    differs = [k for k, v in same.items() if earlier["args"].get(k) != v]
+    if differs:
+        raise SystemExit(f"--resume: {path} was made with other settings ({', '.join(differs)}); "
+                         "use another --work-dir")
+    return {r["f"]: r for r in earlier["results"] if (work / f"f{r['f']}" / "ldm.safetensors").is_file()}
+
+
 def separated(a: dict, b: dict, k: float = 3.0) -> bool:
     """a's distance is below b's by more than k times their combined bootstrap noise."""
     return b["fd_shapes"] - a["fd_shapes"] > k * math.hypot(a["fd_shapes_noise"], b["fd_shapes_noise"])
@@ -296,7 +324,7 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["results"]
+    rows = sorted(payload["results"], key=lambda r: r["f"])
     fd_name = payload["fd_name"]
     cpu = " (CPU)" if payload["machine"]["device_type"] == "cpu" else ""
     fs = [r["f"] for r in rows]
@@ -306,6 +334,9 @@ def plot(payload: dict, path: Path) -> None:
         a0.errorbar([q["cpu_s"] for q in p], [q["fd_shapes"] for q in p], yerr=[q["fd_shapes_noise"] for q in p],
                     fmt="o-", capsize=3, label=f"LDM-{r['f']}")
     a0.set_xscale("log")
+    # Log distances: pixel space at a small budget sits an order of magnitude above the rest.
+    for ax in (a0, a1, a2):
+        ax.set_yscale("log")
     a0.set_xlabel("UNet training compute, CPU seconds (one thread)")
     a0.set_ylabel(f"{fd_name} (lower is better)")
     a0.set_title("quality vs training progress")
@@ -320,7 +351,9 @@ def plot(payload: dict, path: Path) -> None:
     a1.set_ylabel(fd_name)
     a1.set_title("quality vs throughput (end of budget)")
     a2.plot(fs, fd, "o-", label=f"samples {fd_name}")
-    a2.plot(fs, [r["reconstruction"]["fd_shapes"] for r in rows], "s--", label=f"first-stage reconstructions {fd_name}")
+    rec = [(f, r["reconstruction"]["fd_shapes"]) for f, r in zip(fs, rows)  # f = 1: identity, 0
+           if r["reconstruction"]["fd_shapes"] > 1e-6]
+    a2.plot([f for f, _ in rec], [v for _, v in rec], "s--", label=f"first-stage reconstructions {fd_name}")
     a2.set_xscale("log", base=2)
     a2.set_xticks(fs, [str(f) for f in fs])
     a2.set_xlabel("downsampling factor f")
@@ -342,7 +375,7 @@ def markdown(payload: dict) -> str:
     a = payload["args"]
     name = payload["fd_name"]
     rows, prog = [], []
-    for r in payload["results"]:
+    for r in sorted(payload["results"], key=lambda r: r["f"]):
         q, rec = r["quality"], r["reconstruction"]
         rows.append([f"LDM-{r['f']}", "×".join(map(str, r["latent"])), str(r["ae_steps"]), str(r["ldm_steps"]),
                      bl.fmt(r["images_per_s"]), bl.fmt(r.get("speedup_vs_f1"), ".2f"),

@@ -121,6 +121,15 @@ def test_compression_quick(tmp_path, work):
         steps = [p["steps"] for p in r["progress"]]
         assert len(steps) == 2 and steps == sorted(steps) and r["ldm_cpu_s"] >= budget * 0.5
     assert data["command"].startswith("python bench/compression.py --quick")
+
+    # An interrupted study resumes: finished factors are reused as they were, new ones trained.
+    args = ["--quick", "--resolution", "32", "--out", str(out), "--work-dir", str(work)]
+    assert load("compression").main(args + ["--factors", "4,8,16", "--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert [r["f"] for r in again["results"]] == [4, 8, 16]
+    assert [r["progress"] for r in again["results"][:2]] == [r["progress"] for r in data["results"]]
+    with pytest.raises(SystemExit, match="other settings"):
+        load("compression").main(args + ["--factors", "4", "--resume", "--unet-channels", "16"])
     assert data["fd_name"] == "FD-shapes"
     assert out.with_suffix(".png").stat().st_size > 10_000
 

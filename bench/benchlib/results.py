@@ -98,7 +98,11 @@ def provenance(payload: dict) -> str:
             + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
             + (f", {m['torch_threads']} CPU thread(s)" if m.get("device_type") == "cpu" else "")
             + (f", commit {m['git_commit']}" if m.get("git_commit") else ""))
-    return line + (f"\n{payload['command']}" if payload.get("command") else "")
+    if not payload.get("command"):
+        return line
+    import textwrap
+
+    return line + "\n" + "\n".join(textwrap.wrap(payload["command"], 130, break_on_hyphens=False))
 
 
 def log(*args) -> None:
@@ -187,7 +191,8 @@ def render_one(bench: str, path: Path, data: dict, repo: Path) -> str:
                      f"python {m.get('python')}" + (f", CUDA {m['cuda']}" if m.get("cuda") else "")
                      + (f", {m['torch_threads']} CPU thread(s)" if m.get("device_type") == "cpu" else "")
                      + (f", commit {m['git_commit']}" if m.get("git_commit") else "")
-                     + (f"; command `{data['command']}`" if data.get("command")
+                     + ("" if data.get("command") and data["command"] in md  # the table names it
+                        else f"; command `{data['command']}`" if data.get("command")
                         else "; command not recorded (measured before results carried it)"))
     png = path.with_suffix(".png")
     out = [head, ""] + ([f"<sub>{extra[0]}</sub>", ""] if extra else []) + [md.strip()]
