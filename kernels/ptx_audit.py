@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import dataclasses
 import importlib
 import json
 import os
@@ -51,18 +50,6 @@ WARP_SIZE = 32
 
 
 # ----------------------------------------------------------------------------- 1. record
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch as a GPU would run it: the JIT function, every argument by name
-    (tensors as meta tensors), and the config label ('fixed' for untuned launches)."""
-    kernel: object
-    args: dict
-    config: str
-    case: str = ""
-    expect_wide: bool = True     # whether 128-bit global loads are required of this case
-    note: str = ""               # why not, when they are not
-
 
 @contextlib.contextmanager
 def _recording(modules):
