@@ -27,7 +27,7 @@ import torch
 from ldm_fast import cli, ops
 from ldm_fast.data.build import build_datasets
 from ldm_fast.metrics import (FD_NAME, FID_DEFAULT_MODE, FID_MODES, extract, fd_shapes, load_shapes_net,
-                              precision_recall, psnr, ssim)
+                              grid_ratio, precision_recall, psnr, ssim)
 from ldm_fast.metrics.inception import ENV_VAR as FID_ENV
 from ldm_fast.run import load_config, load_first_stage
 
@@ -70,6 +70,10 @@ def reconstruction_metrics(first_stage, images, batch_size: int, device, lpips_w
     recons = torch.cat([first_stage(chunk.to(device), sample=False)[0].clamp(-1, 1).cpu()
                         for chunk in images.split(batch_size)])
     results = {"psnr_db": psnr(recons, images).mean, "ssim": ssim(recons, images).mean}
+    period = first_stage.cfg.factor
+    if period > 1 and min(images.shape[-2:]) > period:
+        # edges on the latent grid (1 = none; the held-out images' own value beside it)
+        results.update(grid_ratio=grid_ratio(recons, period).mean, grid_ratio_images=grid_ratio(images, period).mean)
     if lpips_weights and Path(lpips_weights).expanduser().is_file():
         from ldm_fast.losses import LPIPS
 

@@ -54,6 +54,29 @@ def test_quality_rejects_mismatched_shapes():
 # ------------------------------------------------------------------------------------------
 
 
+def test_grid_ratio_sees_edges_on_the_latent_grid_only():
+    torch.manual_seed(0)
+    # a sum of plane waves at random (non-grid) frequencies: no preferred offset
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    k = torch.rand(4, 3, 6, 2) * 0.6
+    phase = torch.rand(4, 3, 6, 1, 1) * 6.3
+    smooth = 0.15 * torch.sin(k[..., 0, None, None] * yy + k[..., 1, None, None] * xx + phase).sum(2)
+    # 4×4 cells, each its own colour: every edge lies on the period-4 grid
+    cells = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8) * 1.6 - 0.8, size=(32, 32), mode="nearest")
+    assert metrics.grid_ratio(smooth, 4).mean == pytest.approx(1.0, abs=0.15)
+    assert metrics.grid_ratio(cells, 4).mean > 1e6
+    # the same cells shifted by half a cell: edges at offset 2, none on the grid's lines
+    assert metrics.grid_ratio(cells.roll((2, 2), (-2, -1)), 4).mean < 1e-6
+    # a random cell pattern added to a smooth image raises it well above 1
+    noisy = (smooth + 0.1 * torch.nn.functional.interpolate(torch.randn(4, 3, 8, 8), size=(32, 32))).clamp(-1, 1)
+    assert metrics.grid_ratio(noisy, 4).mean > 2
+    assert metrics.grid_ratio(cells, 4).per_image.shape == (4,)
+    with pytest.raises(ValueError, match="period"):
+        metrics.grid_ratio(cells, 1)
+    with pytest.raises(ValueError, match="period"):
+        metrics.grid_ratio(cells[..., :4, :4], 4)
+
+
 def test_frechet_identical_sets_is_zero():
     f = np.random.default_rng(0).normal(size=(300, 16))
     assert metrics.frechet_distance_features(f, f) == pytest.approx(0.0, abs=1e-9)

@@ -1,6 +1,6 @@
 """Evaluation metrics.
 
-image_quality  PSNR, SSIM on batches in [-1, 1]
+image_quality  PSNR, SSIM, latent-grid edge ratio on batches in [-1, 1]
 frechet        Fréchet distance, kernel distance (KID), Inception Score, k-NN precision/recall —
                on any features
 inception      the standard FID InceptionV3 (weights from a local file only) and its input pipeline
@@ -33,7 +33,7 @@ from ldm_fast.metrics.frechet import (
     load_statistics,
     precision_recall,
 )
-from ldm_fast.metrics.image_quality import QualityResult, psnr, ssim
+from ldm_fast.metrics.image_quality import QualityResult, grid_ratio, psnr, ssim
 from ldm_fast.metrics.inception import (
     DEFAULT_MODE as FID_DEFAULT_MODE,
     RESIZE_MODES as FID_MODES,

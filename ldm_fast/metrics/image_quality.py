@@ -89,3 +89,30 @@ def ssim(x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: float = 1.
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     val = s.flatten(1).mean(1)  # mean over channels and valid positions (equal counts)
     return QualityResult(per_image=val, mean=float(val.mean()))
+
+
+def grid_ratio(x: torch.Tensor, period: int) -> QualityResult:
+    """How much an image's edges line up with a grid of `period` pixels, per image: the mean
+    squared difference between neighbouring pixels across the grid's lines (columns and rows
+    at multiples of `period`) over the same mean at every other offset.
+
+    A latent diffusion model whose latent cells err one by one renders each cell's error as
+    a blob the size of the cell, so its outputs get edges on the first stage's latent grid
+    (`period` = f): the ratio rises above 1. Natural images have no preferred offset (≈ 1;
+    compare against the reference images, which carry sampling noise of their own). The same
+    measure as blockiness scores for block-coded images; lines are at offset 0, as latent
+    cells start at the image origin.
+    """
+    x = _to_unit(x)
+    n, c, h, w = x.shape
+    if period < 2 or h <= period or w <= period:
+        raise ValueError(f"grid_ratio needs period ≥ 2 and images larger than it, got period {period} "
+                         f"for {h}x{w}")
+    on, off = x.new_zeros(n), x.new_zeros(n)
+    for d, size in ((x.diff(dim=-1), w), (x.diff(dim=-2).transpose(-1, -2), h)):
+        # d[..., k] is the step from pixel k to k+1: it crosses a grid line where k+1 ≡ 0 (mod period)
+        line = ((torch.arange(1, size, device=x.device) % period) == 0)
+        on += d[..., line].pow(2).flatten(1).mean(1)
+        off += d[..., ~line].pow(2).flatten(1).mean(1)
+    val = on / off.clamp_min(1e-12)
+    return QualityResult(per_image=val, mean=float(val.mean()))

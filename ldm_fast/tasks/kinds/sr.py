@@ -48,12 +48,16 @@ def real_photos(resolution: int) -> torch.Tensor | None:
     return torch.cat(out)
 
 
-def _sr_scores(hr, sr, bicubic, prefix: str = "") -> dict:
-    from ldm_fast.metrics import psnr, ssim
+def _sr_scores(hr, sr, bicubic, period: int, prefix: str = "") -> dict:
+    from ldm_fast.metrics import grid_ratio, psnr, ssim
 
     res = {f"{prefix}psnr": psnr(sr, hr).mean, f"{prefix}psnr_bicubic": psnr(bicubic, hr).mean}
     if min(hr.shape[-2:]) >= 11:  # SSIM's 11×11 window
         res.update({f"{prefix}ssim": ssim(sr, hr).mean, f"{prefix}ssim_bicubic": ssim(bicubic, hr).mean})
+    if period > 1 and min(hr.shape[-2:]) > period:
+        # edges on the latent grid: the samples' blotches show here (1 = none; the targets' own beside)
+        res.update({f"{prefix}grid_ratio": grid_ratio(sr, period).mean,
+                    f"{prefix}grid_ratio_target": grid_ratio(hr, period).mean})
     return res
 
 
@@ -62,6 +66,7 @@ def _metric(ctx) -> dict:
     from ldm_fast.metrics import FD_NAME, fd_shapes
 
     cc = ctx.conditioner.cfg.conditioning
+    period = ctx.conditioner.cfg.autoencoder.factor
 
     def run(hr, seed, image_guidance=0.0):
         lr = degrade(hr, cc.degradation, cc.sr_factor, generator=seed)
@@ -70,12 +75,12 @@ def _metric(ctx) -> dict:
 
     hr = ctx.batch["image"]
     sr, bicubic = run(hr, ctx.seed)
-    res = _sr_scores(hr, sr, bicubic)
+    res = _sr_scores(hr, sr, bicubic, period)
     res.update({FD_NAME: fd_shapes(ctx.net, sr, hr), f"{FD_NAME}_bicubic": fd_shapes(ctx.net, bicubic, hr)})
     if ctx.sr_guidance > 0:  # the same inputs and seeds, pulled toward the LR input
         guided, _ = run(hr, ctx.seed, ctx.sr_guidance)
-        scores = _sr_scores(hr, guided, bicubic)
-        res.update({f"{k}_image_guided": v for k, v in scores.items() if not k.endswith("_bicubic")})
+        scores = _sr_scores(hr, guided, bicubic, period)
+        res.update({f"{k}_image_guided": v for k, v in scores.items() if not k.endswith(("_bicubic", "_target"))})
         res[f"{FD_NAME}_image_guided"] = fd_shapes(ctx.net, guided, hr)
     if ctx.photos:
         photos = real_photos(hr.shape[-1])
@@ -83,7 +88,7 @@ def _metric(ctx) -> dict:
             res["photo_count"] = 0  # scikit-image is not installed
         else:
             sr_p, bic_p = run(photos, ctx.seed + 1)
-            res.update(_sr_scores(photos, sr_p, bic_p, prefix="photo_"))
+            res.update(_sr_scores(photos, sr_p, bic_p, period, prefix="photo_"))
             res["photo_count"] = len(photos)
     return res
 
