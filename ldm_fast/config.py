@@ -139,6 +139,7 @@ class TrainConfig:
     cached_latents: str = ""              # LDM: folder of first-stage latents encoded once (made on first use); "" = encode every step
     weight_decay: float = 0.0             # AdamW weight decay
     warmup_steps: int = 0                 # linear warm-up
+    lr_decay: str = "constant"            # after warm-up: "constant" (the original's) or "cosine" to 0 at `steps`
     grad_clip: float = 1.0                # max gradient norm (0 = off)
     ema_decay: float = 0.9999             # EMA decay (LDM stage; 0 = off)
     log_every: int = 50                   # steps between metric log lines
@@ -322,6 +323,8 @@ def validate(cfg: Config) -> Config:
         _require(tc.keep_last > 0, f"{name}.keep_last", "must be positive")
         _require(tc.grad_accum > 0, f"{name}.grad_accum", "must be positive")
         _require(tc.strategy in ("ddp", "fsdp"), f"{name}.strategy", f"expected ddp|fsdp, got {tc.strategy!r}")
+        _require(tc.lr_decay in ("constant", "cosine"), f"{name}.lr_decay",
+                 f"expected constant|cosine, got {tc.lr_decay!r}")
     from ldm_fast.tasks.registry import get_task  # lazy: the task files import this module
 
     _require(not (cfg.train_ldm.cached_latents and cfg.data.dataset == "shards"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 import warnings
@@ -187,6 +188,12 @@ class Trainer:
         lr = tc.lr * (self.ctx.world_size * tc.grad_accum if tc.scale_lr else 1)
         if tc.warmup_steps and step < tc.warmup_steps:
             return lr * (step + 1) / tc.warmup_steps
+        if tc.lr_decay == "cosine" and tc.steps > tc.warmup_steps:
+            # A short run ends on small steps instead of the peak rate's noise (the original's
+            # runs are long and constant). The schedule follows `steps`: extending a finished
+            # run with a larger --steps restarts from a higher rate.
+            progress = min(1.0, (step - tc.warmup_steps) / (tc.steps - tc.warmup_steps))
+            return lr * 0.5 * (1 + math.cos(math.pi * progress))
         return lr
 
     def finite(self, loss: torch.Tensor, step: int) -> bool:

@@ -64,6 +64,7 @@ def test_yaml_round_trip(tmp_path):
     ("kernels=fast", "kernels"),
     ("conditioning.layout_grid=1", "conditioning.layout_grid"),
     ("train_autoencoder.strategy=fsdp", "train_autoencoder.strategy"),
+    ("train_ldm.lr_decay=linear", "train_ldm.lr_decay"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

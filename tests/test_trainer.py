@@ -98,3 +98,18 @@ def test_loss_scale_is_checkpointed_and_resumed(tmp_path):
     again.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
     assert again.resume(lambda tensors, meta: None) and again.start == 2
     assert again.scaler.get_scale() == first.scaler.get_scale() == 2.0 ** 11
+
+
+def test_learning_rate_warms_up_then_stays_or_decays_to_zero(tmp_path):
+    cfg = micro_config(110)
+    tc = cfg.train_ldm
+    tc.lr, tc.warmup_steps = 1e-3, 10
+    trainer = Trainer("ldm", cfg, tc, RunDir(tmp_path), "cpu", seed=0, progress=False)
+    assert trainer.lr_at(0) == 1e-3 / 10 and trainer.lr_at(9) == 1e-3
+    assert trainer.lr_at(10) == trainer.lr_at(109) == 1e-3  # constant: the original's
+    tc.lr_decay = "cosine"
+    assert trainer.lr_at(9) == 1e-3 and trainer.lr_at(10) == 1e-3
+    assert abs(trainer.lr_at(60) - 0.5e-3) < 1e-12  # half way through the decay
+    assert 0 < trainer.lr_at(109) < 1e-6 and trainer.lr_at(110) == 0.0
+    lrs = [trainer.lr_at(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
