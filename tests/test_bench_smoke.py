@@ -218,3 +218,40 @@ def test_gpu_check_lists_a_function_for_every_step():
     for step in steps:
         assert re.search(rf"^step_{step.replace('-', '_')}\(\) \{{", script, re.M), step
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
+
+
+def test_sr_figure_scores_every_row_and_draws_them(tmp_path):
+    from PIL import Image
+
+    from ldm_fast.autoencoder import build_first_stage
+    from ldm_fast.config import save_yaml
+    from ldm_fast.data.procedural import ProceduralShapes
+    from ldm_fast.run import RunDir
+    from ldm_fast.tasks import build_conditioner, task_dataset, tiny_task_config
+    from ldm_fast.training import train_ldm
+
+    cfg = tiny_task_config("sr")
+    cfg.data.resolution = cfg.autoencoder.resolution = 16
+    cfg.data.num_samples, cfg.data.heldout_samples = 20, 3
+    cfg.autoencoder.base_channels, cfg.unet.model_channels, cfg.unet.num_head_channels = 16, 32, 16
+    tc = cfg.train_ldm
+    tc.steps, tc.batch_size, tc.ckpt_every, tc.log_every, tc.warmup_steps = 1, 2, 1, 1, 0
+    run = RunDir(tmp_path / "sr")
+    first_stage = build_first_stage(cfg.autoencoder).eval()
+    save_yaml(cfg, run.path / "config.yaml")
+    run.save_first_stage(first_stage, cfg)
+    train_ldm(cfg, run, first_stage, task_dataset(cfg, ProceduralShapes(4, 16)), progress=False,
+              conditioner=build_conditioner(cfg, first_stage, None, run_dir=run.path))
+    out = tmp_path / "fig.png"
+    assert load("sr_figure").main([str(run.path), str(out), "--n", "3"]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["n"] == 3 and list(result["rows"]) == [
+        "low-resolution input", "bicubic", "LDM super-resolution", "first-stage reconstruction of the target",
+        "target"]
+    assert result["rows"]["target"]["psnr"] == 100.0  # scored against itself
+    assert all(set(s) == {"psnr", "ssim", "grid_ratio"} for s in result["rows"].values())
+    with Image.open(out) as im:  # 5 rows × 3 images of 16², framed, enlarged ×4
+        assert im.size == (4 * (3 * 18 + 2), 4 * (5 * 18 + 2))
+    (tmp_path / "cls").mkdir()
+    save_yaml(tiny_task_config("class"), tmp_path / "cls" / "config.yaml")
+    assert load("sr_figure").main([str(tmp_path / "cls"), str(out)]) == 2

@@ -286,6 +286,8 @@ def test_task_trains_reloads_and_evaluates(task, mode, tmp_path):
     assert expected in res and res["task"] == task
     if task == "sr":
         assert res["psnr_image_guided"] != res["psnr"]  # image guidance changed the samples
+        assert {"grid_ratio", "grid_ratio_target", "photo_grid_ratio", "grid_ratio_image_guided"} <= set(res)
+        assert "grid_ratio_target_image_guided" not in res
 
 
 def test_text_task_with_a_frozen_pretrained_encoder(tmp_path):
