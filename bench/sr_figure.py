@@ -38,9 +38,11 @@ from ldm_fast.tasks import task_fields, task_of  # noqa: E402
 from ldm_fast.tasks.kinds.sr import real_photos  # noqa: E402
 
 
-def scores(x: torch.Tensor, target: torch.Tensor, period: int) -> dict:
+def scores(x: torch.Tensor, target: torch.Tensor, period: int, blocks: bool = False) -> dict:
+    """PSNR/SSIM against the target and the grid ratio; None for `blocks` (the nearest-neighbour
+    enlarged input is made of f×f blocks by construction, so its ratio is unbounded)."""
     return {"psnr": round(psnr(x, target).mean, 2), "ssim": round(ssim(x, target).mean, 3),
-            "grid_ratio": round(grid_ratio(x, period).mean, 3)}
+            "grid_ratio": None if blocks else round(grid_ratio(x, period).mean, 3)}
 
 
 @torch.no_grad()
@@ -76,9 +78,11 @@ def main(argv=None) -> int:
         "target": target,
     }
     result = {"run": str(args.run), "images": "photos" if args.photos else "held-out", "n": len(target),
-              "rows": {name: scores(x, target, period) for name, x in rows.items()}}
+              "rows": {name: scores(x, target, period, blocks=name == "low-resolution input")
+                       for name, x in rows.items()}}
     for name, s in result["rows"].items():
-        print(f"{name:42s} PSNR {s['psnr']:6.2f}  SSIM {s['ssim']:.3f}  grid ratio {s['grid_ratio']:.3f}")
+        grid = "—" if s["grid_ratio"] is None else f"{s['grid_ratio']:.3f}"
+        print(f"{name:42s} PSNR {s['psnr']:6.2f}  SSIM {s['ssim']:.3f}  grid ratio {grid}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(torch.cat(list(rows.values())), out, nrow=len(target), upscale=4,
