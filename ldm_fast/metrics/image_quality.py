@@ -120,8 +120,7 @@ def grid_ratio(x: torch.Tensor, period: int) -> QualityResult:
         # d[..., k] is the step from pixel k to k+1, binned by (k+1) mod period
         bins = torch.arange(1, size, device=x.device) % period
         energy = torch.stack([d[..., bins == b].pow(2).flatten(1).mean(1) for b in range(period)], 1)
-        pooled = energy.sum(0)
-        phase = int((pooled / (pooled.sum() - pooled)).argmax())
+        phase = int(energy.sum(0).argmax())  # the most energy is also the most relative to the rest
         on += energy[:, phase]
         off += (energy.sum(1) - energy[:, phase]) / (period - 1)
     return QualityResult(per_image=on / off.clamp_min(1e-12), mean=float(on.sum() / off.sum().clamp_min(1e-12)))
