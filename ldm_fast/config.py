@@ -200,6 +200,12 @@ def _coerce(value, default, where):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, float) and isinstance(value, str):
+        # YAML 1.1 reads exponent notation without a dot ("1e-4") as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
         raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
     return value

@@ -80,6 +80,13 @@ def test_unknown_field_and_wrong_type_are_named(tmp_path):
         load_yaml(tmp_path / "bad2.yaml")
 
 
+def test_exponent_notation_without_a_dot_is_a_float():
+    # YAML 1.1 reads "1e-4" as a string; a float field takes it, a non-number is still refused.
+    assert apply_override(get_preset("tiny"), "autoencoder.kl_weight=1e-4").autoencoder.kl_weight == 1e-4
+    with pytest.raises(ConfigError, match=r"autoencoder\.kl_weight: expected float"):
+        apply_override(get_preset("tiny"), "autoencoder.kl_weight=small")
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset"):
         get_preset("nope")
