@@ -220,9 +220,8 @@ def test_gpu_check_lists_a_function_for_every_step():
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
 
 
-def test_sr_figure_scores_every_row_and_draws_them(tmp_path):
-    from PIL import Image
-
+def _tiny_sr_run(tmp_path):
+    """A one-step SR run on 16² images: enough for the SR bench scripts to load and sample."""
     from ldm_fast.autoencoder import build_first_stage
     from ldm_fast.config import save_yaml
     from ldm_fast.data.procedural import ProceduralShapes
@@ -242,6 +241,16 @@ def test_sr_figure_scores_every_row_and_draws_them(tmp_path):
     run.save_first_stage(first_stage, cfg)
     train_ldm(cfg, run, first_stage, task_dataset(cfg, ProceduralShapes(4, 16)), progress=False,
               conditioner=build_conditioner(cfg, first_stage, None, run_dir=run.path))
+    return run
+
+
+def test_sr_figure_scores_every_row_and_draws_them(tmp_path):
+    from PIL import Image
+
+    from ldm_fast.config import save_yaml
+    from ldm_fast.tasks import tiny_task_config
+
+    run = _tiny_sr_run(tmp_path)
     out = tmp_path / "fig.png"
     assert load("sr_figure").main([str(run.path), str(out), "--n", "3"]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
@@ -255,3 +264,21 @@ def test_sr_figure_scores_every_row_and_draws_them(tmp_path):
     (tmp_path / "cls").mkdir()
     save_yaml(tiny_task_config("class"), tmp_path / "cls" / "config.yaml")
     assert load("sr_figure").main([str(tmp_path / "cls"), str(out)]) == 2
+
+
+def test_sr_latent_error_decodes_each_part_of_the_error(tmp_path):
+    from ldm_fast.config import save_yaml
+    from ldm_fast.tasks import tiny_task_config
+
+    run = _tiny_sr_run(tmp_path)
+    out = tmp_path / "err.json"
+    assert load("sr_latent_error").main([str(run.path), "--n", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 3 and list(result["decoded"]) == [
+        "SR latents", "first stage's own latents", "own + smooth part of the error", "own + cell-to-cell part",
+        "own + another image's error", "own + random noise of the error's rms"]
+    assert result["error_rms"] > 0 and result["posterior_std_over_latent_std"] > 0
+    assert all(0 <= r <= 1 for r in result["r2_error_on_lr_pixel"] + result["r2_latent_on_lr_pixel"])
+    (tmp_path / "cls").mkdir()
+    save_yaml(tiny_task_config("class"), tmp_path / "cls" / "config.yaml")
+    assert load("sr_latent_error").main([str(tmp_path / "cls")]) == 2
