@@ -77,3 +77,23 @@ def test_dev_extra_covers_the_test_imports():
             assert package in dev, f"tests import {module}; .[dev] must pull {package}"
     assert "triton" in _names(EXTRAS["dev"])  # the interpreter tests run on the CI install
     assert (ROOT / ".ci" / "run").read_text().strip().endswith('pip install -e ".[dev]" && python -m pytest')
+
+
+def test_a_checkout_on_sys_path_leaves_the_name_kernels_to_the_installed_package(tmp_path):
+    # transformers >= 5.25 imports Hugging Face's `kernels`; the repository's kernels/ folder,
+    # importable as `kernels` when the checkout is on sys.path, must hand the name over.
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("HUB = True\n")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import kernels, ldm_fast.kernels.groupnorm\n"
+            "assert getattr(kernels, 'HUB', False), kernels.__file__\n"
+            "assert sys.modules['ldm_fast.kernels'].__name__ == 'ldm_fast.kernels'\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(root), str(site)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
