@@ -39,6 +39,10 @@ def smooth(z: torch.Tensor) -> torch.Tensor:
     return F.interpolate(F.avg_pool2d(z, 2), size=z.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def rms(t: torch.Tensor) -> float:
+    return round(t.pow(2).mean().sqrt().item(), 4)
+
+
 def r_squared(features: torch.Tensor, target: torch.Tensor) -> list[float]:
     """Per target channel, the variance a per-cell least-squares fit on `features` explains."""
     X = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -73,12 +77,14 @@ def main(argv=None) -> int:
     z_sr = pipe(lr=lr, n=len(x), seed=args.seed, progress=False).latents
     z = model.encode(x, sample=False)
     e = z_sr - z
+    e_smooth = smooth(e)
+    e_cells = e - e_smooth
     gen = torch.Generator().manual_seed(args.seed)
     other = torch.roll(e, 1, dims=0)  # each image gets its neighbour's error
-    noise = torch.randn(e.shape, generator=gen) * e.pow(2).mean().sqrt()
+    noise = torch.randn(e.shape, generator=gen) * rms(e)
     decoded = {
         "SR latents": z_sr, "first stage's own latents": z,
-        "own + smooth part of the error": z + smooth(e), "own + cell-to-cell part": z + e - smooth(e),
+        "own + smooth part of the error": z + e_smooth, "own + cell-to-cell part": z + e_cells,
         "own + another image's error": z + other, "own + random noise of the error's rms": z + noise,
     }
     rows = {}
@@ -93,14 +99,11 @@ def main(argv=None) -> int:
     result = {
         "run": str(args.run), "n": len(x), "decoded": rows,
         "latent_std": round(z.std().item(), 4),
-        "error_rms": round(e.pow(2).mean().sqrt().item(), 4),
-        "error_rms_smooth": round(smooth(e).pow(2).mean().sqrt().item(), 4),
-        "error_rms_cell_to_cell": round((e - smooth(e)).pow(2).mean().sqrt().item(), 4),
+        "error_rms": rms(e), "error_rms_smooth": rms(e_smooth), "error_rms_cell_to_cell": rms(e_cells),
         # Are the SR latents' statistics right, only their content wrong?
         "std_per_channel": {"sr": [round(v, 3) for v in z_sr.std((0, 2, 3)).tolist()],
                             "own": [round(v, 3) for v in z.std((0, 2, 3)).tolist()]},
-        "rms_cell_to_cell": {"sr": round((z_sr - smooth(z_sr)).pow(2).mean().sqrt().item(), 4),
-                             "own": round((z - smooth(z)).pow(2).mean().sqrt().item(), 4)},
+        "rms_cell_to_cell": {"sr": rms(z_sr - smooth(z_sr)), "own": rms(z - smooth(z))},
         "r2_error_on_lr_pixel": r_squared(features, e),
         "r2_latent_on_lr_pixel": r_squared(features, z),
         "error_neighbour_corr": {"x": neighbour_corr(e, 3), "y": neighbour_corr(e, 2)},

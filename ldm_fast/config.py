@@ -198,10 +198,8 @@ def _coerce(value, default, where):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, float) and isinstance(value, str):
-        # YAML 1.1 reads exponent notation without a dot ("1e-4") as a string.
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        # ints are floats here, and YAML 1.1 reads exponent notation without a dot ("1e-4") as a string
         try:
             return float(value)
         except ValueError:
